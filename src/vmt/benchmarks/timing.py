@@ -1,0 +1,21 @@
+"""Timing helpers for benchmarks on a shared, noisy machine: interleaved repeats, medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1):
+    """Median wall time of each callable, run round-robin so load spikes hit all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
