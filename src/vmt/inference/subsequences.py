@@ -1,0 +1,165 @@
+"""Random contiguous subsequences, the length curriculum and suffix-parallel batches.
+
+Suffix parallelisation: every suffix ``y_j .. y_L`` of one sampled sequence reads the same
+reversed features (``h_k`` summarises ``y_k .. y_L`` whatever ``j`` is), so the ``k``-th state
+of every selected suffix is sampled in the same batched step: ``L`` sequential steps give up
+to ``L - 1`` subsequence ELBOs. A budget ``N`` caps the total number of sampled states;
+subsequences are chosen longest-first until it is full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vmt.models.batch import ChainBatch
+
+FeatureLookup = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def suffix_rows(
+    lengths: torch.Tensor, budget: int, min_length: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose suffixes longest-first within ``budget`` sampled states.
+
+    Args:
+        lengths: ``(batch,)`` valid length of each base sequence.
+        budget: the most states that may be sampled in total (``N``).
+        min_length: the shortest suffix worth an ELBO.
+
+    Returns:
+        ``(source, start, end)``, each ``(rows,)`` int64: row ``r`` is the suffix
+        ``source[r]`` from ``start[r]`` to ``end[r]``.
+    """
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be (batch,), got {tuple(lengths.shape)}")
+    candidates = []
+    for b, n in enumerate(lengths.tolist()):
+        for j in range(0, n - min_length + 1):
+            candidates.append((n - j, b, j))
+    if not candidates:
+        raise ValueError(f"no sequence is at least min_length={min_length} long")
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    if candidates[0][0] > budget:
+        raise ValueError(
+            f"the budget of {budget} states is smaller than one subsequence "
+            f"({candidates[0][0]} states); raise the budget or shorten the subsequences"
+        )
+    chosen, used = [], 0
+    for length, b, j in candidates:
+        if used + length > budget:
+            continue
+        chosen.append((b, j, j + length))
+        used += length
+    chosen.sort()
+    source, start, end = (torch.tensor(col, dtype=torch.long) for col in zip(*chosen, strict=True))
+    return source, start, end
+
+
+def suffix_parallel_batch(base: ChainBatch, budget: int, min_length: int = 2) -> ChainBatch:
+    """Expand a batch of base sequences (rows starting at 0) into its selected suffixes."""
+    if bool((base.start != 0).any()) or base.source is not None:
+        raise ValueError("suffix expansion needs base rows that start at 0 and read themselves")
+    source, start, end = suffix_rows(base.end - base.start, budget, min_length)
+    return ChainBatch(
+        obs=base.obs[source], start=start, end=end, features=base.features, source=source,
+        reader_input=base.reader_input, reader_lengths=base.reader_lengths,
+    )
+
+
+def one_row_per_suffix(base: ChainBatch, budget: int, min_length: int = 2) -> list[ChainBatch]:
+    """The same subsequences as :func:`suffix_parallel_batch`, each as its own batch.
+
+    The slow way (one sequential pass per subsequence); kept as the baseline of
+    ``vmt bench suffix-parallel``.
+    """
+    source, start, end = suffix_rows(base.end - base.start, budget, min_length)
+    out = []
+    for s, a, e in zip(source.tolist(), start.tolist(), end.tolist(), strict=True):
+        out.append(
+            ChainBatch(
+                obs=base.obs[s : s + 1, a:e],
+                start=torch.zeros(1, dtype=torch.long),
+                end=torch.tensor([e - a]),
+                features=None if base.features is None else base.features[s : s + 1, a:e],
+                reader_input=None if base.reader_input is None else base.reader_input[s : s + 1, a:e],
+                reader_lengths=None if base.reader_input is None else torch.tensor([e - a]),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Lengths ``min_length, ..., max_length``, ``steps_per_length`` steps each, then ``max_length``."""
+
+    min_length: int = 2
+    max_length: int = 64
+    steps_per_length: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_length <= self.max_length:
+            raise ValueError(f"need 1 <= min_length <= max_length, got {self.min_length}, {self.max_length}")
+        if self.steps_per_length < 0:
+            raise ValueError("steps_per_length must be >= 0")
+
+    def length_at(self, step: int) -> int:
+        if self.steps_per_length == 0:
+            return self.max_length
+        return min(self.max_length, self.min_length + step // self.steps_per_length)
+
+
+class SubsequenceSampler:
+    """Samples batches of random contiguous subsequences from a list of documents.
+
+    Args:
+        documents: each ``(time,)`` int64 tokens or ``(time, obs)`` float.
+        features: optional lookup ``i -> (features (time, feature), ahead (time,))`` of
+            document ``i`` (e.g. a frozen-LM feature cache). Without it the batch carries its
+            observations as ``reader_input`` for a trainable reader.
+        generator: the random source (its state is saved in checkpoints).
+    """
+
+    def __init__(
+        self,
+        documents: Sequence[torch.Tensor],
+        features: FeatureLookup | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        self.documents = list(documents)
+        if not self.documents:
+            raise ValueError("no documents to sample from")
+        lengths = torch.tensor([len(d) for d in self.documents], dtype=torch.float64)
+        if bool((lengths < 1).all()):
+            raise ValueError("every document is empty")
+        self.lengths = lengths
+        self.features = features
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def sample(self, batch_size: int, length: int) -> ChainBatch:
+        """``batch_size`` subsequences of ``length`` tokens (shorter where a document is)."""
+        # documents are drawn in proportion to their length, so every token is equally likely
+        docs = torch.multinomial(self.lengths, batch_size, replacement=True, generator=self.generator)
+        seqs, feats = [], []
+        for d in docs.tolist():
+            n = len(self.documents[d])
+            take = min(length, n)
+            a = int(torch.randint(0, n - take + 1, (1,), generator=self.generator))
+            seqs.append(self.documents[d][a : a + take])
+            if self.features is not None:
+                f, _ = self.features(d)
+                feats.append(f[a : a + take])
+        lengths = torch.tensor([len(s) for s in seqs])
+        steps = int(lengths.max())
+        obs = seqs[0].new_zeros((batch_size, steps) + tuple(seqs[0].shape[1:]))
+        for i, s in enumerate(seqs):
+            obs[i, : len(s)] = s
+        batch = ChainBatch(obs=obs, start=torch.zeros_like(lengths), end=lengths)
+        if self.features is not None:
+            f = feats[0].new_zeros(batch_size, steps, feats[0].shape[-1])
+            for i, fi in enumerate(feats):
+                f[i, : len(fi)] = fi
+            return batch.with_(features=f)
+        return batch.with_(reader_input=obs, reader_lengths=lengths)

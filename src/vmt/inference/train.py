@@ -1,0 +1,304 @@
+"""SVI training loops for both regimes, apart from the model, returning typed results.
+
+* ``regime="subsequence"``: random contiguous subsequences with a length curriculum; with
+  ``suffix_parallel`` every selected suffix of each sample gets its own ELBO in one pass
+  (budget ``N`` states, longest first); loss = mean negative ELBO over subsequences, divided
+  by their mean length so the scale is per token.
+* ``regime="windows"``: batched truncated BPTT over whole documents with carried states;
+  loss = ``-ELBO/tokens + w * (L_init + L_prior + L_skip)``.
+
+Both: KL annealing (a factor passed to the loss, rising linearly), gradient clipping,
+checkpoints (atomic; every ``checkpoint_every`` steps, at the end, and on Ctrl-C), resume
+(the same loss curve continues: model, optimiser, RNG and carried states are restored), and a
+non-finite loss stops the run with a diagnostic, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from vmt.checkpoint import load_state_into, read_meta, save_checkpoint
+from vmt.inference.elbo import auxiliary_losses, elbo_terms
+from vmt.inference.subsequences import (
+    Curriculum,
+    FeatureLookup,
+    SubsequenceSampler,
+    suffix_parallel_batch,
+)
+from vmt.inference.windows import DocumentStreams, attach_carried, carry_states
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one SVI run (saved in its checkpoints)."""
+
+    regime: Literal["subsequence", "windows"] = "subsequence"
+    steps: int = 500
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    clip_norm: float = 10.0
+    min_length: int = 2
+    max_length: int = 64
+    steps_per_length: int = 0
+    suffix_parallel: bool = True
+    budget: int = 4096
+    window: int = 64
+    overlap: bool = False
+    aux_weight: float = 0.1
+    max_skip: int = 8
+    annealing_start: float = 1.0
+    annealing_steps: int = 0
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.regime not in ("subsequence", "windows"):
+            raise ValueError(f"regime must be 'subsequence' or 'windows', got {self.regime!r}")
+        if not 0 <= self.aux_weight < 1:
+            raise ValueError(f"aux_weight must lie in [0, 1), got {self.aux_weight}")
+        if not 0 < self.annealing_start <= 1:
+            raise ValueError(f"annealing_start must lie in (0, 1], got {self.annealing_start}")
+        for name in ("steps", "batch_size", "window", "budget", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        Curriculum(self.min_length, self.max_length, self.steps_per_length)
+
+    def annealing(self, step: int) -> float:
+        """KL annealing factor at ``step``: linear from ``annealing_start`` to 1."""
+        if self.annealing_steps <= 0:
+            return 1.0
+        return min(1.0, self.annealing_start + (1 - self.annealing_start) * step / self.annealing_steps)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """What a run did.
+
+    Attributes:
+        steps: optimiser steps completed in total (including resumed ones).
+        history: one record per logged step: ``step``, ``loss``, ``elbo_per_token``,
+            ``tokens_per_second``, ``annealing``.
+        stopped: ``"completed"``, ``"interrupted"`` or a diagnostic of what went wrong.
+        checkpoint: the last good checkpoint, if any was written.
+    """
+
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    stopped: str = "completed"
+    checkpoint: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.stopped in ("completed", "interrupted")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Runs SVI on a VMT.
+
+    Args:
+        vmt: the model (its reader, if any, trains with it).
+        documents: training documents, ``(time,)`` tokens or ``(time, obs)`` arrays.
+        config: :class:`TrainConfig`.
+        features: lookup of cached guide features per document (frozen encoder), or
+            ``None`` when the VMT has a trainable reader.
+        checkpoint_dir: where checkpoints go (``None``: none are written).
+    """
+
+    def __init__(
+        self,
+        vmt,
+        documents: Sequence[torch.Tensor],
+        config: TrainConfig,
+        features: FeatureLookup | None = None,
+        checkpoint_dir: str | Path | None = None,
+        meta: dict | None = None,
+    ):
+        if features is None and vmt.reader is None:
+            raise ValueError("give cached features or a VMT with a trainable reader")
+        self.vmt = vmt
+        self.documents = list(documents)
+        self.config = config
+        self.features = features
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.meta = dict(meta or {})
+        params = [p for p in vmt.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.sampler = SubsequenceSampler(self.documents, features, self.generator)
+        self.curriculum = Curriculum(config.min_length, config.max_length, config.steps_per_length)
+        self.step = 0
+        self.history: list[dict] = []
+        self.carried: dict[int, torch.Tensor] = {}
+        self.window_index = 0
+        self._windows = None
+
+    # -- state ----------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        tensors = {
+            "rng.torch": torch.get_rng_state(),
+            "rng.sampler": self.generator.get_state(),
+        }
+        tensors.update({f"carried.{d}": x for d, x in self.carried.items()})
+        meta = {
+            **self.meta,
+            "train_config": dataclasses.asdict(self.config),
+            "step": self.step,
+            "window_index": self.window_index,
+            "history": self.history,
+        }
+        return save_checkpoint(self.checkpoint_dir, self.vmt, optimizer=self.optimizer, meta=meta, tensors=tensors)
+
+    def resume(self) -> bool:
+        """Continue from ``checkpoint_dir`` if it holds a checkpoint; True if it did."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.json").exists():
+            return False
+        from vmt.checkpoint import load_checkpoint
+
+        meta = read_meta(self.checkpoint_dir)
+        if meta["vmt_config"] != self.vmt.config.to_dict():
+            raise ValueError(
+                f"checkpoint {self.checkpoint_dir} was written for a different model config; "
+                "use another checkpoint folder or the same config"
+            )
+        ckpt = load_checkpoint(self.checkpoint_dir, reader=self.vmt.reader)
+        load_state_into(self.vmt, ckpt.vmt.state_dict(), f"checkpoint {self.checkpoint_dir}")
+        if ckpt.optimizer_state is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        torch.set_rng_state(ckpt.tensors["rng.torch"])
+        self.generator.set_state(ckpt.tensors["rng.sampler"])
+        self.carried = {
+            int(k.split(".", 1)[1]): v for k, v in ckpt.tensors.items() if k.startswith("carried.")
+        }
+        self.step = int(meta["step"])
+        self.window_index = int(meta.get("window_index", 0))
+        self.history = list(meta.get("history", []))
+        logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        return True
+
+    # -- one step -------------------------------------------------------------------------
+    def _next_window(self):
+        if self._windows is None:
+            streams = DocumentStreams(
+                self.documents, self.config.batch_size, self.config.window, self.features,
+                self.config.overlap,
+            )
+            self._windows = iter(streams)
+            for _ in range(self.window_index):  # fast-forward after a resume
+                next(self._windows)
+        try:
+            window = next(self._windows)
+        except StopIteration:
+            self._windows, self.window_index, self.carried = None, 0, {}
+            return self._next_window()
+        self.window_index += 1
+        return window
+
+    def _skip(self) -> int | None:
+        if self.config.max_skip < 2:
+            return None
+        return int(torch.randint(2, self.config.max_skip + 1, (1,), generator=self.generator))
+
+    def loss(self, annealing: float):
+        c = self.config
+        if c.regime == "subsequence":
+            base = self.sampler.sample(c.batch_size, self.curriculum.length_at(self.step))
+            batch = suffix_parallel_batch(base, c.budget, min(c.min_length, int(base.end.max()))) if c.suffix_parallel else base
+            terms = elbo_terms(self.vmt, batch)
+            lengths = terms.tokens_per_row().to(terms.x.dtype)
+            loss = -terms.elbo_per_row(annealing).mean() / lengths.mean()
+            window = None
+        else:
+            window = self._next_window()
+            batch = attach_carried(window, self.carried, self.vmt.config.state_dim)
+            terms = elbo_terms(self.vmt, batch)
+            loss = -terms.elbo_per_row(annealing).sum() / terms.mask.sum()
+        if c.aux_weight > 0:
+            aux = auxiliary_losses(terms, batch, self._skip())
+            loss = loss + c.aux_weight * (aux["init"] + aux["prior"] + aux["skip"])
+        elbo = float(terms.elbo_per_row().sum().detach()) / float(terms.mask.sum())
+        return loss, elbo, int(terms.mask.sum()), terms, window
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self, progress: bool = True) -> TrainResult:
+        c = self.config
+        last_good = self.checkpoint_dir if (self.checkpoint_dir and (self.checkpoint_dir / "checkpoint.json").exists()) else None
+        bar = tqdm(total=c.steps, initial=self.step, disable=not progress, desc="SVI", unit="step")
+        tokens_seen, t0 = 0, time.perf_counter()
+        try:
+            while self.step < c.steps:
+                annealing = c.annealing(self.step)
+                loss, elbo, tokens, terms, window = self.loss(annealing)
+                if not math.isfinite(float(loss.detach())):
+                    raise NonFiniteLoss(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}")
+                self.optimizer.zero_grad()
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], c.clip_norm
+                )
+                if not math.isfinite(float(norm)):
+                    raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
+                self.optimizer.step()
+                if window is not None:
+                    self.carried = carry_states(window, terms.x, self.carried)
+                self.step += 1
+                tokens_seen += tokens
+                elapsed = time.perf_counter() - t0
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    record = {
+                        "step": self.step, "loss": float(loss.detach()), "elbo_per_token": elbo,
+                        "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "annealing": annealing,
+                    }
+                    self.history.append(record)
+                    bar.set_postfix(elbo_tok=f"{elbo:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                bar.update(1)
+                if self.checkpoint_dir is not None and self.step % c.checkpoint_every == 0:
+                    last_good = self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            saved = self.save()
+            logger.warning("interrupted at step %d; checkpoint saved to %s", self.step, saved)
+            return TrainResult(self.step, self.history, "interrupted", saved)
+        except NonFiniteLoss as err:
+            bar.close()
+            logger.error("%s; the last good checkpoint is %s", err, last_good)
+            return TrainResult(self.step, self.history, f"{err}; the last good checkpoint is kept", last_good)
+        bar.close()
+        saved = self.save() if self.checkpoint_dir is not None else None
+        return TrainResult(self.step, self.history, "completed", saved)
+
+
+def fit(vmt, documents, config: TrainConfig, features: FeatureLookup | None = None,
+        checkpoint_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
+        meta: dict | None = None) -> TrainResult:
+    """Train ``vmt`` by SVI (see :class:`Trainer`); resumes from ``checkpoint_dir`` if asked."""
+    trainer = Trainer(vmt, documents, config, features, checkpoint_dir, meta)
+    if resume:
+        trainer.resume()
+    return trainer.fit(progress)

@@ -1,0 +1,200 @@
+"""Whole-chain distributions: one Pyro site holds every state of every row.
+
+* :class:`ChainPrior` — ``p(x_{start}) * prod p(x_{k+1} | x_k)`` scored for all positions at
+  once (the model side);
+* :class:`GuideChain` — samples the path step by step (that part is inherently sequential)
+  but scores a given path in one vectorised pass (the guide side);
+* :class:`SequenceEmission` — ``prod_k p(y_k | x_k)`` over active positions.
+
+Each has ``log_prob_terms(value) -> (batch, time)`` (zero at inactive positions) and
+``log_prob(value) = log_prob_terms(value).sum(-1)`` with batch shape ``(batch,)``.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch.distributions import constraints
+
+from vmt.models.batch import ChainBatch
+
+
+def previous_states(x: torch.Tensor, batch: ChainBatch) -> torch.Tensor:
+    """``(batch, time, state)``: the state each position conditions on.
+
+    Position ``k`` conditions on ``x_{k-1}``, except a carried row's first position, which
+    conditions on ``x0``. Where nothing precedes (position 0 of an uncarried row) zeros stand in;
+    those positions are scored by the prior, not the transition.
+    """
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    if batch.x0 is not None:
+        use_x0 = (batch.first_mask() & batch.carried_rows()[:, None]).unsqueeze(-1)
+        prev = torch.where(use_x0, batch.x0[:, None, :].to(x.dtype), prev)
+    return prev
+
+
+class _ChainDistribution(TorchDistribution):
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+
+    def __init__(self, batch: ChainBatch, state_dim: int):
+        self.chain_batch = batch
+        super().__init__(
+            batch_shape=torch.Size([batch.num_rows]),
+            event_shape=torch.Size([batch.num_steps, state_dim]),
+            validate_args=False,
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        if tuple(batch_shape) != tuple(self.batch_shape):
+            raise ValueError(f"a chain cannot be broadcast from {tuple(self.batch_shape)} to {tuple(batch_shape)}")
+        return self
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_terms(value).sum(-1)
+
+
+class ChainPrior(_ChainDistribution):
+    """The generative model's distribution of a whole state path."""
+
+    def __init__(self, prior, transition, batch: ChainBatch, state_dim: int):
+        super().__init__(batch, state_dim)
+        self.prior = prior
+        self.transition = transition
+
+    def log_prob_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p(x_k), log p(x_k | previous))`` for every position, each ``(batch, time)``."""
+        prior_lp = self.prior.distribution().log_prob(x)
+        trans_lp = self.transition.distribution(previous_states(x, self.chain_batch)).log_prob(x)
+        return prior_lp, trans_lp
+
+    def log_prob_terms(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.chain_batch
+        prior_lp, trans_lp = self.log_prob_parts(x)
+        from_prior = b.first_mask() & ~b.carried_rows()[:, None]
+        terms = torch.where(from_prior, prior_lp, trans_lp)
+        return torch.where(b.mask(), terms, torch.zeros_like(terms))
+
+    @torch.no_grad()
+    def sample(self, sample_shape=torch.Size()):
+        """Ancestral sampling of every row's path (positions before ``start`` are filler)."""
+        if sample_shape != torch.Size():
+            raise ValueError("draw several paths by repeating rows of the batch")
+        b = self.chain_batch
+        from_prior = b.first_mask() & ~b.carried_rows()[:, None]
+        use_x0 = b.first_mask() & b.carried_rows()[:, None]
+        prior = self.prior.distribution()
+        x_prev = prior.sample((b.num_rows,))
+        states = []
+        for k in range(b.num_steps):
+            if b.x0 is not None:
+                x_prev = torch.where(use_x0[:, k : k + 1], b.x0.to(x_prev.dtype), x_prev)
+            fresh = prior.sample((b.num_rows,))
+            moved = self.transition.distribution(x_prev).sample()
+            x_prev = torch.where(from_prior[:, k : k + 1], fresh, moved)
+            states.append(x_prev)
+        return torch.stack(states, dim=1)
+
+
+class GuideChain(_ChainDistribution):
+    """The variational posterior of a whole state path.
+
+    Args:
+        net: a :class:`~vmt.models.guide.GuideNet`.
+        context: ``(batch, time, hidden)`` from ``net.context``.
+        batch: the chains.
+    """
+
+    has_rsample = True
+
+    def __init__(self, net, context: torch.Tensor, batch: ChainBatch):
+        super().__init__(batch, net.config.state_dim)
+        self.net = net
+        self.context = context
+        self.first_loc, self.first_scale, self.first_combined = net.first_params(context)
+        self.step_context = net.skip_context(context, 1)
+
+    def _distribution(self, loc, scale, combined) -> dist.TorchDistribution:
+        base = dist.Normal(loc, scale).to_event(1)
+        transforms = self.net.flow_transforms(combined)
+        return dist.TransformedDistribution(base, transforms) if transforms else base
+
+    def _params_at(self, k: int, x_prev: torch.Tensor, first_k: torch.Tensor):
+        loc, scale, combined = self.net.step_params(x_prev, self.step_context[:, k])
+        sel = first_k.unsqueeze(-1)
+        loc = torch.where(sel, self.first_loc[:, k], loc)
+        scale = torch.where(sel, self.first_scale[:, k], scale)
+        combined = torch.where(sel, self.first_combined[:, k], combined)
+        return loc, scale, combined
+
+    def rsample(self, sample_shape=torch.Size()):
+        if sample_shape != torch.Size():
+            raise ValueError("draw several paths by repeating rows of the batch")
+        b = self.chain_batch
+        first = b.first_mask() & ~b.carried_rows()[:, None]
+        use_x0 = b.first_mask() & b.carried_rows()[:, None]
+        x_prev = torch.zeros_like(self.first_loc[:, 0])
+        states = []
+        for k in range(b.num_steps):
+            if b.x0 is not None:
+                x_prev = torch.where(use_x0[:, k : k + 1], b.x0.to(x_prev.dtype), x_prev)
+            loc, scale, combined = self._params_at(k, x_prev, first[:, k])
+            x_prev = self._distribution(loc, scale, combined).rsample()
+            states.append(x_prev)
+        return torch.stack(states, dim=1)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def position_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """The guide's conditional at every position given the path ``x``: batch ``(batch, time)``."""
+        b = self.chain_batch
+        first = (b.first_mask() & ~b.carried_rows()[:, None]).unsqueeze(-1)
+        loc, scale, combined = self.net.step_params(previous_states(x, b), self.step_context)
+        loc = torch.where(first, self.first_loc, loc)
+        scale = torch.where(first, self.first_scale, scale)
+        combined = torch.where(first, self.first_combined, combined)
+        return self._distribution(loc, scale, combined)
+
+    def log_prob_terms(self, x: torch.Tensor) -> torch.Tensor:
+        terms = self.position_distribution(x).log_prob(x)
+        return torch.where(self.chain_batch.mask(), terms, torch.zeros_like(terms))
+
+
+class SequenceEmission(TorchDistribution):
+    """``prod_k p(y_k | x_k)`` over each row's active positions; batch ``(batch,)``."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, emission, x: torch.Tensor, batch: ChainBatch):
+        self.emission = emission
+        self.x = x
+        self.chain_batch = batch
+        event = tuple(batch.obs.shape[1:])
+        super().__init__(torch.Size([batch.num_rows]), torch.Size(event), validate_args=False)
+
+    @property
+    def support(self):
+        if self.chain_batch.obs.is_floating_point():
+            return constraints.independent(constraints.real, 2)
+        return constraints.independent(constraints.nonnegative_integer, 1)
+
+    def expand(self, batch_shape, _instance=None):
+        if tuple(batch_shape) != tuple(self.batch_shape):
+            raise ValueError(f"cannot broadcast emissions to {tuple(batch_shape)}")
+        return self
+
+    def log_prob_terms(self, y: torch.Tensor) -> torch.Tensor:
+        mask = self.chain_batch.mask()
+        y_safe = y if y.is_floating_point() else torch.where(mask, y, torch.zeros_like(y))
+        terms = self.emission.log_prob(self.x, y_safe)
+        return torch.where(mask, terms, torch.zeros_like(terms))
+
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_terms(y).sum(-1)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.emission.distribution(self.x).sample(sample_shape)

@@ -1,0 +1,96 @@
+"""Hyperparameters of a Variational Markov Transformer, saved inside every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+PriorKind = Literal["mixture", "flow"]
+TransitionKind = Literal["gated", "linear", "flow"]
+EmissionKind = Literal["categorical", "bernoulli", "gaussian"]
+GuideKind = Literal["gaussian", "flow"]
+
+
+@dataclass(frozen=True)
+class VMTConfig:
+    """Every size and choice that fixes the shapes of a VMT's parameters.
+
+    Attributes:
+        state_dim: dimension ``D`` of the latent state ``x_k``.
+        obs_dim: vocabulary size (categorical emission) or observation dimension
+            (Bernoulli / Gaussian emissions).
+        feature_dim: dimension of the guide's input features ``h_k`` (the reader's output).
+        emission: ``"categorical"`` (softmax over a vocabulary), ``"bernoulli"`` (piano
+            rolls) or ``"gaussian"`` (continuous data).
+        emission_hidden: hidden width of the emission MLP; 0 makes it linear.
+        prior: ``"mixture"`` of ``prior_components`` diagonal Gaussians, or ``"flow"``.
+        transition: ``"gated"`` (deep-Markov-model gated MLP Gaussian), ``"linear"``
+            (linear-Gaussian, for exact oracles) or ``"flow"`` (gated Gaussian followed by a
+            conditional affine-coupling flow).
+        transition_hidden: hidden width of the transition networks.
+        guide: ``"gaussian"`` or ``"flow"`` (Gaussian followed by a conditional flow).
+        guide_hidden: hidden width of the guide's combiner.
+        max_window: the largest number of tokens ahead ``T`` the guide is told about; used
+            to scale its time inputs.
+        max_skip: the largest skip ``t`` the skip guide is trained for.
+        flow_layers: coupling layers in every flow.
+        reverse: also build the reverse transition ``p_r(x_{k-1} | x_k)``.
+        min_scale: floor added to every Gaussian scale, for numerical safety.
+    """
+
+    state_dim: int = 32
+    obs_dim: int = 1000
+    feature_dim: int = 64
+    emission: EmissionKind = "categorical"
+    emission_hidden: int = 0
+    prior: PriorKind = "mixture"
+    prior_components: int = 4
+    transition: TransitionKind = "gated"
+    transition_hidden: int = 64
+    guide: GuideKind = "gaussian"
+    guide_hidden: int = 64
+    max_window: int = 1024
+    max_skip: int = 16
+    flow_layers: int = 2
+    reverse: bool = False
+    min_scale: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("state_dim", "obs_dim", "feature_dim", "prior_components",
+                     "transition_hidden", "guide_hidden", "max_window", "max_skip"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.emission_hidden < 0 or self.flow_layers < 0:
+            raise ValueError("emission_hidden and flow_layers must be >= 0")
+        choices = {
+            "emission": ("categorical", "bernoulli", "gaussian"),
+            "prior": ("mixture", "flow"),
+            "transition": ("gated", "linear", "flow"),
+            "guide": ("gaussian", "flow"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if (self.prior == "flow" or self.transition == "flow" or self.guide == "flow") and (
+            self.state_dim < 2
+        ):
+            raise ValueError("flows need state_dim >= 2")
+        if not self.min_scale > 0:
+            raise ValueError(f"min_scale must be > 0, got {self.min_scale}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VMTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown VMTConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)

@@ -1,0 +1,101 @@
+"""Guide networks: ``q(x_1 | h_1, T)`` and the step/skip guide ``q(x_{k+t} | x_k, h_{k+1}, t, T)``.
+
+Everything that depends only on the features ``h`` and the time inputs is computed for all
+positions in one batched call (:meth:`GuideNet.context`); the sequential loop only pays for
+the ``x``-dependent part (:meth:`GuideNet.step_params`): one ``state -> hidden`` and one
+``hidden -> 2 * state`` matrix product per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions.transforms as T
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+from torch.nn import functional as F
+
+from vmt.models.config import VMTConfig
+
+
+class GuideNet(PyroModule):
+    """Combiner-style guide (after Krishnan et al.'s deep Markov model), with time inputs.
+
+    ``T`` (tokens still ahead in the window) enters as ``log(1 + T) / log(1 + max_window)``;
+    the skip ``t`` as ``log(t) / log(max_skip)``.
+    """
+
+    def __init__(self, config: VMTConfig):
+        super().__init__()
+        d, f, h = config.state_dim, config.feature_dim, config.guide_hidden
+        self.config = config
+        self.feature_proj = nn.Linear(f, h)
+        self.ahead_proj = nn.Linear(1, h, bias=False)
+        self.skip_proj = nn.Linear(1, h, bias=False)
+        self.first_head = nn.Linear(h, 2 * d)
+        self.state_proj = nn.Linear(d, h)
+        self.step_head = nn.Linear(h, 2 * d)
+        self.state_skip = nn.Linear(d, d, bias=False)
+        nn.init.zeros_(self.state_skip.weight)
+        self.min_scale = config.min_scale
+        self.flows = nn.ModuleList(
+            T.conditional_affine_coupling(d, context_dim=h, hidden_dims=[h])
+            for _ in range(config.flow_layers if config.guide == "flow" else 0)
+        )
+        for i in range(len(self.flows)):
+            self.register_buffer(f"perm_{i}", torch.randperm(d))
+
+    def context(
+        self, features: torch.Tensor, ahead: torch.Tensor, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feature part of the guide for every position.
+
+        Args:
+            features: ``(source, time, feature)``.
+            ahead: ``(batch, time)`` tokens still ahead, ``>= 1``.
+            source: ``(batch,)`` row of ``features`` each chain reads (``None``: identity).
+
+        Returns:
+            ``(batch, time, hidden)``.
+        """
+        if features.dim() != 3 or features.shape[-1] != self.config.feature_dim:
+            raise ValueError(
+                f"features must be (source, time, {self.config.feature_dim}), got "
+                f"{tuple(features.shape)}"
+            )
+        projected = self.feature_proj(features)
+        if source is not None:
+            projected = projected[source]
+        projected = projected[:, : ahead.shape[1]]
+        tau = torch.log1p(ahead.to(projected.dtype)) / math.log1p(self.config.max_window)
+        return projected + self.ahead_proj(tau.unsqueeze(-1))
+
+    def skip_context(self, context: torch.Tensor, skip: torch.Tensor | int) -> torch.Tensor:
+        """``tanh(context + e(t))``: ``context (..., hidden)``, ``skip`` int or ``(...)``."""
+        skip = torch.as_tensor(skip, dtype=context.dtype, device=context.device)
+        s = torch.log(skip) / math.log(max(self.config.max_skip, 2))
+        return torch.tanh(context + self.skip_proj(s.expand(context.shape[:-1]).unsqueeze(-1)))
+
+    def _loc_scale(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale = raw.chunk(2, dim=-1)
+        return loc, F.softplus(scale) + self.min_scale
+
+    def first_params(self, context: torch.Tensor):
+        """``q(x_1 | h_1, T)`` from ``context (..., hidden)``: ``(loc, scale, combined)``."""
+        combined = torch.tanh(context)
+        loc, scale = self._loc_scale(self.first_head(combined))
+        return loc, scale, combined
+
+    def step_params(self, x_prev: torch.Tensor, skip_context: torch.Tensor):
+        """``q(x_{k+t} | x_k, ...)`` from ``x_prev (..., state)`` and :meth:`skip_context`."""
+        combined = 0.5 * (torch.tanh(self.state_proj(x_prev)) + skip_context)
+        loc, scale = self._loc_scale(self.step_head(combined))
+        return loc + self.state_skip(x_prev), scale, combined
+
+    def flow_transforms(self, combined: torch.Tensor) -> list:
+        """Coupling transforms conditioned on the combiner output (empty for a Gaussian guide)."""
+        transforms = []
+        for i, coupling in enumerate(self.flows):
+            transforms += [coupling.condition(combined), T.Permute(getattr(self, f"perm_{i}"))]
+        return transforms
