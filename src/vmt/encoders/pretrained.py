@@ -99,7 +99,7 @@ def load_pretrained_lm(
         trust_remote_code: passed to Hugging Face; off unless the caller asks.
 
     Returns:
-        ``(model, tokenizer)``.
+        tuple: ``(model, tokenizer)``, a ``PreTrainedModel`` in eval mode and its tokenizer.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
