@@ -21,7 +21,14 @@ def _bench(args: argparse.Namespace) -> int:
     docs_file = Path(args.docs)
     figure_dir = Path(args.figures) if args.figures else docs_file.parent / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
-    result = module.run(quick=args.quick, figure_dir=figure_dir)
+    kwargs = {}
+    if args.data is not None:
+        import inspect
+
+        if "data" not in inspect.signature(module.run).parameters:
+            raise ValueError(f"benchmark {args.name!r} takes no --data")
+        kwargs["data"] = args.data
+    result = module.run(quick=args.quick, figure_dir=figure_dir, **kwargs)
     result.config.setdefault("quick", args.quick)
     for key, value in sorted(result.metrics.items()):
         sys.stdout.write(f"{key:40s} {value:.6g}\n")
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--docs", default="docs/benchmarks.md", help="results page to update")
     bench.add_argument("--figures", metavar="DIR", help="where plots go (default: docs/figures)")
     bench.add_argument("--no-docs", action="store_true", help="do not update the results page")
+    bench.add_argument("--data", metavar="PATH", help="a data file for benchmarks that take one (chorales: the JSB pickle)")
     bench.set_defaults(func=_bench)
 
     for register in _COMMANDS:
@@ -63,9 +71,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Model commands (fit, evaluate, demo, ...) add themselves here: each takes the subparsers
-# object, adds its parser and sets ``func``.
-_COMMANDS: list = []
+def _report(result) -> None:
+    test = result.test
+    sys.stdout.write(
+        f"held-out: {test.tokens} tokens in {test.documents} documents\n"
+        f"  negative ELBO        {test.neg_elbo_per_token:.4f} nats/token\n"
+        f"  IWAE-{test.particles:<3d} bound     {test.iwae_per_token:.4f} nats/token "
+        f"(perplexity <= {test.perplexity_bound:.2f})\n"
+        f"checkpoint: {result.checkpoint}\ntraining curve: {result.curve}\n"
+    )
+
+
+def _run(args: argparse.Namespace, model: str, schedule: str, out: str) -> int:
+    from vmt import experiment
+
+    experiment.set_threads()
+    preset = experiment.ModelPreset.from_dict(
+        experiment.load_json(experiment.resolve_config(model, "models"))
+    )
+    sched = experiment.Schedule.from_dict(
+        experiment.load_json(experiment.resolve_config(schedule, "inference"))
+    )
+    if getattr(args, "steps", None):
+        sched = experiment.Schedule(**{**sched.__dict__, "train": type(sched.train)(
+            **{**sched.train.__dict__, "steps": args.steps})})
+    texts, name = None, "pydoc"
+    if getattr(args, "text", None):
+        from vmt.data.corpus import read_text_files
+
+        texts, name = read_text_files(args.text), "user-text"
+    result = experiment.run_text(preset, sched, out, texts, name, resume=not getattr(args, "restart", False))
+    _report(result)
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    return _run(args, args.model, args.schedule, args.out)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return _run(args, "text-smollm2", "demo", args.out)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from vmt import experiment
+
+    experiment.set_threads()
+    res = experiment.evaluate_checkpoint(args.run, particles=args.particles)
+    sys.stdout.write(
+        f"negative ELBO {res.neg_elbo_per_token:.4f} nats/token; IWAE-{res.particles} "
+        f"{res.iwae_per_token:.4f} nats/token (perplexity <= {res.perplexity_bound:.2f}) "
+        f"over {res.tokens} tokens\n"
+    )
+    return 0
+
+
+def _add_model_commands(sub) -> None:
+    fit = sub.add_parser(
+        "fit",
+        help="fit a VMT on text",
+        description="Fit a VMT: a model preset (models/NAME.json) with a schedule "
+        "(inference/NAME.json) on the embedded pydoc corpus or your text files. Resumes from "
+        "OUT/checkpoint if present; Ctrl-C saves a checkpoint.",
+    )
+    fit.add_argument("--model", default="text-smollm2", help="preset name or JSON path")
+    fit.add_argument("--schedule", default="demo", help="schedule name or JSON path")
+    fit.add_argument("--text", nargs="+", metavar="FILE", help="train on these text files")
+    fit.add_argument("--out", default="runs/fit", help="run folder (checkpoint, curve, results)")
+    fit.add_argument("--steps", type=int, help="override the number of SVI steps")
+    fit.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    fit.set_defaults(func=_fit)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="held-out bounds of a fitted run",
+        description="Negative ELBO and IWAE-k per token on the run's held-out split.",
+    )
+    ev.add_argument("run", help="run folder written by `vmt fit` (or its checkpoint folder)")
+    ev.add_argument("--particles", type=int, help="k of the IWAE bound")
+    ev.set_defaults(func=_evaluate)
+
+    demo = sub.add_parser(
+        "demo",
+        help="fit and evaluate on the embedded defaults (a few minutes)",
+        description="Fit the text-smollm2 preset with the demo schedule on pydoc_data.topics, "
+        "print held-out bounds, save a checkpoint and a PNG of the training curve.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="run folder")
+    demo.add_argument("--steps", type=int, help="override the number of SVI steps")
+    demo.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    demo.set_defaults(func=_demo)
+
+
+# Model commands add themselves here: each takes the subparsers object, adds its parser and
+# sets ``func``.
+_COMMANDS: list = [_add_model_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

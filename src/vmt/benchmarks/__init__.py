@@ -16,7 +16,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-from vmt.benchmarks.report import BenchResult, write_json, update_docs
+from vmt.benchmarks.report import BenchResult, update_docs, write_json
 
 __all__ = ["BenchResult", "available", "get", "update_docs", "write_json"]
 

@@ -120,27 +120,41 @@ class GuideChain(_ChainDistribution):
         transforms = self.net.flow_transforms(combined)
         return dist.TransformedDistribution(base, transforms) if transforms else base
 
-    def _params_at(self, k: int, x_prev: torch.Tensor, first_k: torch.Tensor):
-        loc, scale, combined = self.net.step_params(x_prev, self.step_context[:, k])
-        sel = first_k.unsqueeze(-1)
-        loc = torch.where(sel, self.first_loc[:, k], loc)
-        scale = torch.where(sel, self.first_scale[:, k], scale)
-        combined = torch.where(sel, self.first_combined[:, k], combined)
-        return loc, scale, combined
-
     def rsample(self, sample_shape=torch.Size()):
+        """Sample the path step by step; only the ``x``-dependent work is in the loop.
+
+        The time axis of every precomputed tensor is unbound once (indexing ``[:, k]`` inside
+        the loop would make each backward step write a gradient over the whole time axis),
+        and the first-state selection is applied only at positions where some row starts.
+        The Gaussian draw consumes the random stream exactly as ``Normal.rsample`` does.
+        """
         if sample_shape != torch.Size():
             raise ValueError("draw several paths by repeating rows of the batch")
         b = self.chain_batch
-        first = b.first_mask() & ~b.carried_rows()[:, None]
-        use_x0 = b.first_mask() & b.carried_rows()[:, None]
-        x_prev = torch.zeros_like(self.first_loc[:, 0])
+        carried = b.carried_rows()[:, None]
+        first = b.first_mask() & ~carried
+        use_x0 = b.first_mask() & carried
+        starts_at = first.any(0).tolist()
+        x0_at = use_x0.any(0).tolist() if b.x0 is not None else [False] * b.num_steps
+        step_context = self.step_context.unbind(1)
+        first_loc, first_scale = self.first_loc.unbind(1), self.first_scale.unbind(1)
+        first_combined = self.first_combined.unbind(1)
+        flows = len(self.net.flows) > 0
+        x_prev = torch.zeros_like(first_loc[0])
         states = []
         for k in range(b.num_steps):
-            if b.x0 is not None:
+            if x0_at[k]:
                 x_prev = torch.where(use_x0[:, k : k + 1], b.x0.to(x_prev.dtype), x_prev)
-            loc, scale, combined = self._params_at(k, x_prev, first[:, k])
-            x_prev = self._distribution(loc, scale, combined).rsample()
+            loc, scale, combined = self.net.step_params(x_prev, step_context[k])
+            if starts_at[k]:
+                sel = first[:, k : k + 1]
+                loc = torch.where(sel, first_loc[k], loc)
+                scale = torch.where(sel, first_scale[k], scale)
+                combined = torch.where(sel, first_combined[k], combined)
+            if flows:
+                x_prev = self._distribution(loc, scale, combined).rsample()
+            else:
+                x_prev = loc + torch.empty_like(loc).normal_() * scale
             states.append(x_prev)
         return torch.stack(states, dim=1)
 

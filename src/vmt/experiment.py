@@ -1,0 +1,256 @@
+"""Runs from configuration files: the pipeline behind ``vmt fit``, ``vmt evaluate`` and ``vmt demo``.
+
+A run combines a **model preset** (``models/NAME.json``: the encoder/reader and the VMT's
+sizes) with a **schedule** (``inference/NAME.json``: data budget, training and evaluation
+settings). Text runs tokenise with the pretrained LM's tokenizer, split the corpus by document,
+build a compact emission vocabulary on the training split (with an honest full-vocabulary
+correction, see :class:`vmt.data.vocab.Vocabulary`), cache frozen LM features once, train,
+and evaluate held-out bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vmt.inference.evaluate import EvalResult, evaluate
+from vmt.inference.train import TrainConfig, TrainResult, fit
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_config(name_or_path: str, folder: str) -> Path:
+    """``models/NAME.json``-style lookup: a path, or a name in ./FOLDER or the source tree."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.is_file():
+        return path
+    for root in (Path.cwd(), PACKAGE_ROOT):
+        candidate = root / folder / f"{name_or_path}.json"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in (Path.cwd() / folder).glob("*.json")) if (Path.cwd() / folder).is_dir() else []
+    raise FileNotFoundError(f"no {folder} configuration {name_or_path!r} (known here: {known})")
+
+
+def load_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Who reads the text for the guide.
+
+    ``kind="lm"``: a frozen pretrained LM read in reverse, features cached (``name``, ``layer``,
+    ``window``, ``overlap``). ``kind="gru"`` / ``"transformer"``: a small reverse reader over
+    tokens trained from scratch with the VMT (``hidden``).
+    """
+
+    kind: str = "lm"
+    name: str = "smollm2-135m-instruct"
+    layer: int = 12
+    window: int = 128
+    overlap: bool = True
+    hidden: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lm", "gru", "transformer"):
+            raise ValueError(f"encoder kind must be 'lm', 'gru' or 'transformer', got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named model: encoder plus VMT settings (``obs_dim``/``feature_dim`` are derived)."""
+
+    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+    vmt: dict = field(default_factory=dict)
+    vocab_max_size: int | None = 4096
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelPreset:
+        data = dict(data)
+        enc = EncoderSpec(**data.pop("encoder", {}))
+        for derived in ("obs_dim", "feature_dim"):
+            if derived in data.get("vmt", {}):
+                raise ValueError(f"{derived} is derived from the data and encoder; remove it from the preset")
+        return cls(encoder=enc, **data)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Data budget, training and evaluation settings of a run."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    max_train_tokens: int = 30000
+    max_test_tokens: int = 4000
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    eval_window: int = 128
+    eval_particles: int = 8
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Schedule:
+        data = dict(data)
+        train = TrainConfig.from_dict(data.pop("train", {}))
+        data.pop("description", None)
+        return cls(train=train, **data)
+
+
+@dataclass
+class RunResult:
+    train: TrainResult
+    test: EvalResult
+    checkpoint: Path | None
+    curve: Path | None
+
+
+class TextRun:
+    """Everything a text run needs, built once: tokenizer, splits, vocabulary, features."""
+
+    def __init__(self, preset: ModelPreset, schedule: Schedule, texts: list[str] | None = None,
+                 corpus_name: str = "pydoc", progress: bool = True):
+        from vmt.data.corpus import pydoc_texts, tokenize
+        from vmt.encoders.pretrained import load_pretrained_lm
+
+        self.preset, self.schedule = preset, schedule
+        self.lm, self.tokenizer = load_pretrained_lm(preset.encoder.name)
+        corpus = tokenize(texts if texts is not None else pydoc_texts(), self.tokenizer, corpus_name)
+        train, _valid, test = corpus.split(schedule.valid_fraction, schedule.test_fraction, schedule.split_seed)
+        self.train_corpus = train.truncate(schedule.max_train_tokens)
+        self.test_corpus = test.truncate(schedule.max_test_tokens)
+        self.progress = progress
+
+    def vocabulary(self, kept: list[int] | None = None):
+        from vmt.data.vocab import Vocabulary
+
+        if kept is not None:
+            return Vocabulary(tuple(kept), self.train_corpus.vocab_size)
+        return Vocabulary.build(self.train_corpus.documents, self.train_corpus.vocab_size, self.preset.vocab_max_size)
+
+    def features(self, corpus):
+        """A lookup ``i -> (features, ahead)`` from the frozen LM's cache (``None`` for readers)."""
+        enc = self.preset.encoder
+        if enc.kind != "lm":
+            return None, None
+        from vmt.encoders.cache import FeatureCache
+        from vmt.encoders.features import LMFeatureExtractor
+
+        extractor = LMFeatureExtractor(self.lm, layer=enc.layer, direction="reverse", model_name=enc.name)
+        cache = FeatureCache.build(extractor, corpus, window=enc.window, overlap=enc.overlap, progress=self.progress)
+        return cache.__getitem__, cache.hidden_size
+
+    def build_vmt(self, vocab, feature_dim: int | None):
+        from vmt.models import VariationalMarkovTransformer, VMTConfig
+
+        enc = self.preset.encoder
+        reader_spec = None
+        if enc.kind != "lm":
+            reader_spec = {"kind": enc.kind, "kwargs": {"input": "tokens", "hidden_size": enc.hidden,
+                                                        "vocab_size": vocab.size}}
+            feature_dim = enc.hidden
+        config = VMTConfig(obs_dim=vocab.size, feature_dim=feature_dim,
+                           max_window=max(enc.window, self.schedule.train.max_length,
+                                          self.schedule.train.window, self.schedule.eval_window),
+                           **self.preset.vmt)
+        return VariationalMarkovTransformer(config, reader_spec=reader_spec)
+
+
+def run_text(preset: ModelPreset, schedule: Schedule, out_dir: str | Path, texts: list[str] | None = None,
+             corpus_name: str = "pydoc", resume: bool = True, progress: bool = True) -> RunResult:
+    """Fit a text VMT and evaluate it on the held-out split; writes into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = TextRun(preset, schedule, texts, corpus_name, progress)
+    vocab = run.vocabulary()
+    train_lookup, feature_dim = run.features(run.train_corpus)
+    vmt = run.build_vmt(vocab, feature_dim)
+    train_docs = [vocab.encode(d) for d in run.train_corpus.documents]
+    meta = {
+        "preset": {"encoder": asdict(preset.encoder), "vmt": preset.vmt,
+                   "vocab_max_size": preset.vocab_max_size, "description": preset.description},
+        "schedule": {**{k: v for k, v in asdict(schedule).items() if k != "train"}},
+        "corpus": {"name": corpus_name, "fingerprint": run.train_corpus.fingerprint,
+                   "train_tokens": run.train_corpus.num_tokens},
+        "vocabulary": list(vocab.kept),
+    }
+    logger.info("training on %d tokens (%d documents), vocabulary %d + <unk>",
+                run.train_corpus.num_tokens, len(run.train_corpus), vocab.size - 1)
+    result = fit(vmt, train_docs, schedule.train, train_lookup, out_dir / "checkpoint", resume, progress, meta)
+    if not result.ok:
+        raise RuntimeError(f"training stopped: {result.stopped}")
+    test = evaluate_text(vmt, run, vocab)
+    curve = plot_training_curve(result.history, out_dir / "training_curve.png", test)
+    (out_dir / "results.json").write_text(json.dumps({
+        "steps": result.steps, "stopped": result.stopped,
+        "test": asdict(test), "test_perplexity_bound": test.perplexity_bound,
+    }, indent=1))
+    return RunResult(result, test, result.checkpoint, curve)
+
+
+def evaluate_text(vmt, run: TextRun, vocab) -> EvalResult:
+    lookup, _ = run.features(run.test_corpus)
+    docs = [vocab.encode(d) for d in run.test_corpus.documents]
+    return evaluate(vmt, docs, lookup, window=run.schedule.eval_window,
+                    particles=run.schedule.eval_particles, token_penalty=vocab.token_penalty)
+
+
+def evaluate_checkpoint(run_dir: str | Path, particles: int | None = None, progress: bool = True) -> EvalResult:
+    """Rebuild a text run from its checkpoint and evaluate it on its held-out split."""
+    from vmt.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoint" if (run_dir / "checkpoint").is_dir() else run_dir
+    ckpt = load_checkpoint(ckpt_dir)
+    meta = ckpt.meta
+    preset = ModelPreset.from_dict(meta["preset"])
+    sched = Schedule.from_dict({**meta["schedule"], "train": meta["train_config"]})
+    if particles is not None:
+        sched = Schedule(**{**sched.__dict__, "eval_particles": particles})
+    if meta["corpus"]["name"] != "pydoc":
+        raise ValueError("this checkpoint was fitted on user text; evaluate it from Python with run_text's pieces")
+    run = TextRun(preset, sched, None, "pydoc", progress)
+    if run.train_corpus.fingerprint != meta["corpus"]["fingerprint"]:
+        raise ValueError("the corpus differs from the one the checkpoint was trained on (tokenizer or data changed)")
+    return evaluate_text(ckpt.vmt, run, run.vocabulary(meta["vocabulary"]))
+
+
+def plot_training_curve(history: list[dict], path: Path, test: EvalResult | None = None) -> Path | None:
+    """Save the training ELBO per token against steps as a PNG."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [-h["elbo_per_token"] for h in history], label="training −ELBO / token")
+    if test is not None:
+        ax.axhline(test.neg_elbo_per_token, color="C1", ls="--", label="held-out −ELBO / token")
+        ax.axhline(test.iwae_per_token, color="C2", ls=":", label=f"held-out IWAE-{test.particles} / token")
+    ax.set_xlabel("SVI step")
+    ax.set_ylabel("nats per token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def set_threads() -> None:
+    """Use every core for intra-op parallelism (the default may be lower in some shells)."""
+    import os
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
