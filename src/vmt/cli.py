@@ -19,7 +19,12 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     module = benchmarks.get(args.name)
     docs_file = Path(args.docs)
-    figure_dir = Path(args.figures) if args.figures else docs_file.parent / "figures"
+    if args.figures:
+        figure_dir = Path(args.figures)
+    elif args.quick or args.no_docs:
+        figure_dir = Path("runs") / "bench" / args.name  # quick plots never replace the docs' ones
+    else:
+        figure_dir = docs_file.parent / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {}
     if args.data is not None:

@@ -58,8 +58,8 @@ def test_trained_guide_closes_the_gap_and_matches_the_smoother():
     vmt = linear_gaussian_vmt(ssm, GRUReader("features", 32, feature_dim=2), feature_dim=32,
                               guide_hidden=32, max_window=STEPS)
     params = [p for p in vmt.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=3e-3)
-    steps = 800
+    opt = torch.optim.Adam(params, lr=1e-2)
+    steps = 1000
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -73,7 +73,7 @@ def test_trained_guide_closes_the_gap_and_matches_the_smoother():
     gap, se = gap_per_step(vmt, ssm, y)
     # Still a lower bound (gap >= 0 up to 4 SE of Monte Carlo error) ...
     assert gap > -4 * se
-    # ... and within the acceptance bound of 0.05 nats per step (observed ~0.02).
+    # ... and within the acceptance bound of 0.05 nats per step (observed ~0.021 with this seed).
     assert gap < 0.05
 
     # Posterior means: 400 guide draws for each of 4 sequences against the RTS smoother.

@@ -4,6 +4,10 @@
   ``suffix_parallel`` every selected suffix of each sample gets its own ELBO in one pass
   (budget ``N`` states, longest first); loss = mean negative ELBO over subsequences, divided
   by their mean length so the scale is per token.
+* ``direction="reverse"``: the same loops train the reverse VMT (``p_r``, ``q_r``) on
+  documents given in reverse time order, with features of the forward reading reversed
+  alongside (a suffix of the reversed sequence is a prefix of the original: this is the
+  prefix-parallel ELBO of the reverse model).
 * ``regime="windows"``: batched truncated BPTT over whole documents with carried states;
   loss = ``-ELBO/tokens + w * (L_init + L_prior + L_skip)``.
 
@@ -45,6 +49,7 @@ class TrainConfig:
     """Settings of one SVI run (saved in its checkpoints)."""
 
     regime: Literal["subsequence", "windows"] = "subsequence"
+    direction: Literal["forward", "reverse"] = "forward"
     steps: int = 500
     batch_size: int = 16
     learning_rate: float = 3e-3
@@ -67,6 +72,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.regime not in ("subsequence", "windows"):
             raise ValueError(f"regime must be 'subsequence' or 'windows', got {self.regime!r}")
+        if self.direction not in ("forward", "reverse"):
+            raise ValueError(f"direction must be 'forward' or 'reverse', got {self.direction!r}")
         if not 0 <= self.aux_weight < 1:
             raise ValueError(f"aux_weight must lie in [0, 1), got {self.aux_weight}")
         if not 0 < self.annealing_start <= 1:
@@ -230,14 +237,14 @@ class Trainer:
         if c.regime == "subsequence":
             base = self.sampler.sample(c.batch_size, self.curriculum.length_at(self.step))
             batch = suffix_parallel_batch(base, c.budget, min(c.min_length, int(base.end.max()))) if c.suffix_parallel else base
-            terms = elbo_terms(self.vmt, batch)
+            terms = elbo_terms(self.vmt, batch, c.direction)
             lengths = terms.tokens_per_row().to(terms.x.dtype)
             loss = -terms.elbo_per_row(annealing).mean() / lengths.mean()
             window = None
         else:
             window = self._next_window()
             batch = attach_carried(window, self.carried, self.vmt.config.state_dim)
-            terms = elbo_terms(self.vmt, batch)
+            terms = elbo_terms(self.vmt, batch, c.direction)
             loss = -terms.elbo_per_row(annealing).sum() / terms.mask.sum()
         if c.aux_weight > 0:
             aux = auxiliary_losses(terms, batch, self._skip())
