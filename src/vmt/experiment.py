@@ -51,7 +51,8 @@ class EncoderSpec:
 
     ``kind="lm"``: a frozen pretrained LM read in reverse, features cached (``name``, ``layer``,
     ``window``, ``overlap``). ``kind="gru"`` / ``"transformer"``: a small reverse reader over
-    tokens trained from scratch with the VMT (``hidden``).
+    tokens trained from scratch with the VMT (``hidden``). ``kind="folded"``: a folded
+    (segment-recurrent) transformer reading in reverse, segments of ``segment`` tokens.
     """
 
     kind: str = "lm"
@@ -60,10 +61,13 @@ class EncoderSpec:
     window: int = 128
     overlap: bool = True
     hidden: int = 64
+    segment: int = 16
 
     def __post_init__(self) -> None:
-        if self.kind not in ("lm", "gru", "transformer"):
-            raise ValueError(f"encoder kind must be 'lm', 'gru' or 'transformer', got {self.kind!r}")
+        if self.kind not in ("lm", "gru", "transformer", "folded"):
+            raise ValueError(
+                f"encoder kind must be 'lm', 'gru', 'transformer' or 'folded', got {self.kind!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,11 @@ class TextRun:
 
         enc = self.preset.encoder
         reader_spec = None
-        if enc.kind != "lm":
+        if enc.kind == "folded":
+            reader_spec = {"kind": "folded", "kwargs": {"segment_length": enc.segment, "d_model": enc.hidden,
+                                                        "d_ff": 2 * enc.hidden, "vocab_size": vocab.size}}
+            feature_dim = enc.hidden
+        elif enc.kind != "lm":
             reader_spec = {"kind": enc.kind, "kwargs": {"input": "tokens", "hidden_size": enc.hidden,
                                                         "vocab_size": vocab.size}}
             feature_dim = enc.hidden

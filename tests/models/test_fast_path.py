@@ -102,3 +102,23 @@ def test_offset_rows_score_like_sliced_sequences():
         if b is shifted:
             g_shift, p_shift = g, p
     assert torch.allclose(g_shift, g) and torch.allclose(p_shift, p)
+
+
+def test_folded_reader_serves_as_the_guide_reader_and_reads_in_reverse():
+    from vmt.models.readers import build_reader
+
+    reader = build_reader({"kind": "folded", "kwargs": {"segment_length": 4, "d_model": 16,
+                                                         "n_heads": 2, "d_ff": 32, "vocab_size": 9}})
+    tokens = torch.randint(0, 9, (2, 11))
+    lengths = torch.tensor([11, 7])
+    out = reader(tokens, lengths)
+    assert out.shape == (2, 11, reader.hidden_size)
+    changed = tokens.clone()
+    changed[0, :3] = (changed[0, :3] + 1) % 9  # the past of position 3 must not matter
+    assert torch.allclose(reader(changed, lengths)[0, 3:], out[0, 3:], atol=1e-6)
+    config = VMTConfig(state_dim=3, obs_dim=9, feature_dim=reader.hidden_size, guide_hidden=8,
+                       transition_hidden=8)
+    vmt = VariationalMarkovTransformer(config, reader=reader)
+    batch = ChainBatch(obs=tokens, start=torch.zeros(2, dtype=torch.long), end=lengths,
+                       reader_input=tokens, reader_lengths=lengths)
+    assert torch.isfinite(elbo_terms(vmt, batch).elbo_per_row()).all()

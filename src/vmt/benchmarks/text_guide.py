@@ -1,9 +1,9 @@
 """``vmt bench text-guide``: which reader makes the better guide on text?
 
 The same generative model (64-d state, gated transition, compact categorical emission) is
-fitted on the default corpus with the same schedule and budget, once with a guide that reads
-frozen SmolLM2-135M features in reverse (cached) and once with a GRU reverse reader trained
-from scratch. Reported: held-out negative ELBO and IWAE-k per token (over SmolLM2's full
+fitted on the default corpus with the same schedule and budget, with a guide that reads frozen
+SmolLM2-135M features in reverse (cached), with a GRU reverse reader trained from scratch, and
+with a folded (segment-recurrent) transformer reverse reader trained from scratch. Reported: held-out negative ELBO and IWAE-k per token (over SmolLM2's full
 vocabulary, ``<unk>`` correction included) and the ratio of training throughput.
 """
 
@@ -21,6 +21,7 @@ SUMMARY = "held-out -ELBO/token on pydoc: SmolLM2-feature guide vs a GRU guide f
 READERS = {
     "SmolLM2 features (frozen, layer 12)": {"kind": "lm", "layer": 12, "window": 128, "overlap": True},
     "GRU from scratch": {"kind": "gru", "hidden": 128, "window": 128},
+    "Folded transformer from scratch (l = 16)": {"kind": "folded", "hidden": 128, "segment": 16, "window": 128},
 }
 
 
@@ -43,7 +44,7 @@ def compare(steps: int, train_tokens: int, test_tokens: int, particles: int, vmt
             t0 = time.perf_counter()
             result = run_text(preset, schedule, out, resume=False, progress=False)
             elapsed = time.perf_counter() - t0
-        key = "smollm2" if encoder["kind"] == "lm" else "gru"
+        key = {"lm": "smollm2"}.get(encoder["kind"], encoder["kind"])
         metrics[f"neg_elbo_per_token_{key}"] = result.test.neg_elbo_per_token
         metrics[f"iwae{particles}_per_token_{key}"] = result.test.iwae_per_token
         metrics[f"train_tokens_per_second_{key}"] = result.train.history[-1]["tokens_per_second"]
@@ -52,6 +53,9 @@ def compare(steps: int, train_tokens: int, test_tokens: int, particles: int, vmt
                      result.test.perplexity_bound, elapsed])
     metrics["gain_nats_per_token_smollm2_vs_gru"] = (
         metrics["neg_elbo_per_token_gru"] - metrics["neg_elbo_per_token_smollm2"]
+    )
+    metrics["gain_nats_per_token_folded_vs_gru"] = (
+        metrics["neg_elbo_per_token_gru"] - metrics["neg_elbo_per_token_folded"]
     )
     metrics["train_throughput_ratio_smollm2_vs_gru"] = (
         metrics["train_tokens_per_second_smollm2"] / metrics["train_tokens_per_second_gru"]
