@@ -33,10 +33,11 @@ FORMAT_VERSION = 1
 class Checkpoint:
     """What :func:`load_checkpoint` returns."""
 
-    vmt: torch.nn.Module
+    vmt: torch.nn.Module | None
     meta: dict
     optimizer_state: dict | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    model_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -155,17 +156,26 @@ def load_state_into(vmt, state: dict[str, torch.Tensor], where: str = "checkpoin
     vmt.load_state_dict(state)
 
 
-def load_checkpoint(path: str | Path, reader: torch.nn.Module | None = None) -> Checkpoint:
-    """Rebuild the VMT of a checkpoint (config from JSON, weights from safetensors)."""
+def load_checkpoint(
+    path: str | Path, reader: torch.nn.Module | None = None, build_model: bool = True
+) -> Checkpoint:
+    """Rebuild the VMT of a checkpoint (config from JSON, weights from safetensors).
+
+    With ``build_model=False`` only the stored tensors are returned (``model_state``), in
+    their stored dtype, e.g. to load them into an existing float64 model.
+    """
     from vmt.models.vmt import VariationalMarkovTransformer
 
     path = Path(path)
     meta = read_meta(path)
     config = VMTConfig.from_dict(meta["vmt_config"])
-    vmt = VariationalMarkovTransformer(config, reader=reader, reader_spec=None if reader else meta.get("reader"))
-    load_state_into(vmt, _load_tensors(path / "model.safetensors"), f"checkpoint {path}")
+    state = _load_tensors(path / "model.safetensors")
+    vmt = None
+    if build_model:
+        vmt = VariationalMarkovTransformer(config, reader=reader, reader_spec=None if reader else meta.get("reader"))
+        load_state_into(vmt, state, f"checkpoint {path}")
     optimizer_state = None
     if "optimizer" in meta:
         optimizer_state = _unflatten_optimizer(_load_tensors(path / "optimizer.safetensors"), meta["optimizer"])
     tensors = _load_tensors(path / "state.safetensors") if (path / "state.safetensors").exists() else {}
-    return Checkpoint(vmt=vmt, meta=meta, optimizer_state=optimizer_state, tensors=tensors)
+    return Checkpoint(vmt=vmt, meta=meta, optimizer_state=optimizer_state, tensors=tensors, model_state=state)

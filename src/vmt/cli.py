@@ -170,7 +170,13 @@ def _add_model_commands(sub) -> None:
 
 # Model commands add themselves here: each takes the subparsers object, adds its parser and
 # sets ``func``.
-_COMMANDS: list = [_add_model_commands]
+def _add_data_commands(sub) -> None:
+    from vmt.data.cli import add_data_commands
+
+    add_data_commands(sub)
+
+
+_COMMANDS: list = [_add_model_commands, _add_data_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

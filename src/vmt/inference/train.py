@@ -194,8 +194,8 @@ class Trainer:
                 f"checkpoint {self.checkpoint_dir} was written for a different model config; "
                 "use another checkpoint folder or the same config"
             )
-        ckpt = load_checkpoint(self.checkpoint_dir, reader=self.vmt.reader)
-        load_state_into(self.vmt, ckpt.vmt.state_dict(), f"checkpoint {self.checkpoint_dir}")
+        ckpt = load_checkpoint(self.checkpoint_dir, reader=self.vmt.reader, build_model=False)
+        load_state_into(self.vmt, ckpt.model_state, f"checkpoint {self.checkpoint_dir}")
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
         torch.set_rng_state(ckpt.tensors["rng.torch"])

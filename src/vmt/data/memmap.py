@@ -1,0 +1,483 @@
+"""Tokenised corpora on disk as memory-mapped token arrays with document boundaries.
+
+A corpus folder holds::
+
+    tokens.bin     every document's token ids back to back, little-endian uint16 (vocabularies
+                   up to 65,536 ids) or uint32
+    offsets.npy    (documents + 1,) int64: document ``i`` is ``tokens[offsets[i]:offsets[i+1]]``
+    header.json    format, dtype, vocabulary size, tokenizer name, counts, sources, fingerprint
+
+:func:`build_memmap_corpus` streams the input text files line by line, so memory stays bounded
+by one document (or one chunk of a file) whatever the corpus size. It is resumable: the token
+and offset files grow as ``*.partial`` files, and after every flushed chunk a small progress
+record (input file, byte position, partial file sizes) is replaced atomically; a re-run
+truncates the partial files to the last record and reads on from there. ``header.json`` is
+written last, so a folder with a header is complete.
+
+:class:`MemmapCorpus` opens such a folder without reading it: documents are sliced from the
+memory map on demand. :class:`MemmapSampler` draws random subsequences straight from the map
+(same ``sample(batch_size, length)`` contract as
+:class:`vmt.inference.subsequences.SubsequenceSampler`), and :attr:`MemmapCorpus.documents` is a
+lazy ``Sequence[Tensor]`` for code that takes a list of documents.
+
+The corpus :attr:`~MemmapCorpus.fingerprint` equals that of the same documents as a
+:class:`vmt.data.corpus.TokenizedCorpus`, so feature caches keyed on it agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from vmt.data.corpus import tokenizer_name, tokenizer_vocab_size
+from vmt.models.batch import ChainBatch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DocumentView",
+    "MemmapCorpus",
+    "MemmapSampler",
+    "build_memmap_corpus",
+]
+
+_FORMAT = 1
+Split = Literal["blank", "line", "file"]
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    if vocab_size <= 1 << 16:
+        return np.dtype("<u2")
+    if vocab_size <= 1 << 32:
+        return np.dtype("<u4")
+    raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
+
+
+def _sources(paths: list[Path]) -> list[dict]:
+    return [{"path": str(p), "bytes": p.stat().st_size} for p in paths]
+
+
+def _segments(fh, split: Split, chunk_chars: int) -> Iterator[tuple[str, bool, int]]:
+    """``(text, ends_document, byte_position_after)`` pieces of one binary file handle.
+
+    ``blank``: documents are separated by blank lines; ``line``: every non-empty line is a
+    document; ``file``: the whole file is one document, given in chunks of about
+    ``chunk_chars`` characters cut at line ends.
+    """
+    pending: list[str] = []
+    size = 0
+    for raw in iter(fh.readline, b""):
+        line = raw.decode("utf-8")
+        pos = fh.tell()
+        if split == "line":
+            text = line.rstrip("\r\n")
+            if text.strip():
+                yield text, True, pos
+            continue
+        if split == "blank" and not line.strip():
+            if pending:
+                yield "".join(pending).rstrip("\r\n"), True, pos
+                pending, size = [], 0
+            continue
+        pending.append(line)
+        size += len(line)
+        if split == "file" and size >= chunk_chars:
+            yield "".join(pending), False, pos
+            pending, size = [], 0
+    if pending:
+        text = "".join(pending)
+        yield (text.rstrip("\r\n") if split == "blank" else text), True, fh.tell()
+    elif split == "file":
+        yield "", True, fh.tell()
+
+
+def build_memmap_corpus(
+    texts: Sequence[str | Path],
+    tokenizer: Any,
+    out: str | Path,
+    split: Split = "blank",
+    min_tokens: int = 2,
+    chunk_chars: int = 1 << 20,
+    flush_tokens: int = 1 << 20,
+    progress: bool = True,
+    encoding: str = "utf-8",
+) -> MemmapCorpus:
+    """Tokenise text files into a memory-mapped corpus folder (or finish an interrupted build).
+
+    Args:
+        texts: input text files, read in the order given.
+        tokenizer: a Hugging Face tokenizer or :class:`vmt.data.corpus.CharTokenizer`
+            (``encode(text, add_special_tokens=False)``); special tokens are not added.
+        out: the corpus folder.
+        split: how documents are delimited: ``"blank"`` (blank lines), ``"line"`` (one per
+            line) or ``"file"`` (one per file, tokenised in chunks of ``chunk_chars``
+            characters cut at line ends).
+        min_tokens: documents with fewer tokens are dropped (a Markov chain needs two).
+        chunk_chars: chunk size for ``split="file"``.
+        flush_tokens: tokens buffered before they are written and the progress recorded.
+        progress: show a tqdm bar over input bytes.
+        encoding: only ``"utf-8"`` is supported (byte positions are recorded for resuming).
+
+    Returns:
+        The opened corpus.
+
+    Raises:
+        ValueError: for bad arguments, or a folder holding a different build.
+        FileNotFoundError: if an input is not a file.
+    """
+    from tqdm.auto import tqdm
+
+    if encoding.lower().replace("-", "") != "utf8":
+        raise ValueError(f"only utf-8 input is supported, got encoding={encoding!r}")
+    if split not in ("blank", "line", "file"):
+        raise ValueError(f"split must be 'blank', 'line' or 'file', got {split!r}")
+    if min_tokens < 1 or chunk_chars < 1 or flush_tokens < 1:
+        raise ValueError(
+            f"min_tokens, chunk_chars and flush_tokens must be >= 1, got "
+            f"{min_tokens}, {chunk_chars}, {flush_tokens}"
+        )
+    paths = [Path(t) for t in texts]
+    if not paths:
+        raise ValueError("no input text files given")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"no text file at {p}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = tokenizer_vocab_size(tokenizer)
+    dtype = _token_dtype(vocab_size)
+    plan = {
+        "format": _FORMAT,
+        "tokenizer_name": tokenizer_name(tokenizer),
+        "vocab_size": vocab_size,
+        "dtype": dtype.str,
+        "split": split,
+        "min_tokens": min_tokens,
+        "chunk_chars": chunk_chars,
+        "sources": _sources(paths),
+    }
+    header_path = out / "header.json"
+    if header_path.is_file():
+        header = json.loads(header_path.read_text())
+        diff = sorted(k for k in plan if header.get(k) != plan[k])
+        if diff:
+            raise ValueError(
+                f"corpus folder {out} holds a different build ({', '.join(diff)} differ); "
+                "use another folder or delete it"
+            )
+        logger.info("corpus %s is already built", out)
+        return MemmapCorpus(out)
+
+    tokens_part, offsets_part = out / "tokens.bin.partial", out / "offsets.bin.partial"
+    progress_path = out / "progress.json"
+    state = {"file": 0, "byte": 0, "tokens": 0, "documents": 0, "open": 0}
+    if progress_path.is_file():
+        old = json.loads(progress_path.read_text())
+        if old.get("plan") != plan:
+            raise ValueError(
+                f"corpus folder {out} holds an unfinished build of different inputs or settings; "
+                "delete it to start again"
+            )
+        state = old["state"]
+        logger.info("resuming corpus build in %s at file %d, byte %d", out, state["file"], state["byte"])
+    else:
+        for p in (tokens_part, offsets_part):
+            p.unlink(missing_ok=True)
+        _atomic_json(progress_path, {"plan": plan, "state": state})
+    itemsize = dtype.itemsize
+    with open(tokens_part, "ab") as tf, open(offsets_part, "ab") as of:
+        # drop whatever was written after the last recorded flush
+        tf.truncate(state["tokens"] * itemsize)
+        of.truncate(state["documents"] * 8)
+        tf.seek(0, os.SEEK_END)
+        of.seek(0, os.SEEK_END)
+        total_bytes = sum(p.stat().st_size for p in paths)
+        done_bytes = sum(p.stat().st_size for p in paths[: state["file"]]) + state["byte"]
+        bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
+                   desc="tokenise", disable=not progress)
+        buffer: list[np.ndarray] = []
+        ends: list[int] = []
+        buffered = 0
+        n_tokens, n_docs, open_len = state["tokens"], state["documents"], state["open"]
+
+        def write_out() -> None:
+            nonlocal buffer, buffered
+            for arr in buffer:
+                tf.write(arr.tobytes())
+            buffer, buffered = [], 0
+
+        def flush(file_index: int, byte: int) -> None:
+            nonlocal ends
+            write_out()
+            of.write(np.asarray(ends, dtype="<i8").tobytes())
+            tf.flush()
+            of.flush()
+            os.fsync(tf.fileno())
+            os.fsync(of.fileno())
+            state.update(file=file_index, byte=byte, tokens=n_tokens, documents=n_docs, open=open_len)
+            _atomic_json(progress_path, {"plan": plan, "state": state})
+            ends = []
+
+        try:
+            for fi in range(state["file"], len(paths)):
+                start_byte = state["byte"] if fi == state["file"] else 0
+                with open(paths[fi], "rb") as fh:
+                    fh.seek(start_byte)
+                    last = start_byte
+                    for text, ends_doc, pos in _segments(fh, split, chunk_chars):
+                        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+                        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+                            raise ValueError(
+                                f"tokenizer gave ids in [{int(ids.min())}, {int(ids.max())}], "
+                                f"outside [0, {vocab_size}) in {paths[fi]}"
+                            )
+                        buffer.append(ids.astype(dtype))
+                        buffered += ids.size
+                        n_tokens += ids.size
+                        open_len += ids.size
+                        if ends_doc:
+                            if open_len >= min_tokens:
+                                ends.append(n_tokens)
+                                n_docs += 1
+                            else:  # too short: take its tokens back out
+                                n_tokens -= open_len
+                                write_out()
+                                tf.flush()
+                                tf.truncate(n_tokens * itemsize)
+                                tf.seek(0, os.SEEK_END)
+                            open_len = 0
+                        bar.update(pos - last)
+                        last = pos
+                        # progress is recorded only between documents, so a resumed build
+                        # never splits one; a long document's tokens still go to disk
+                        if buffered >= flush_tokens:
+                            if open_len == 0:
+                                flush(fi, pos)
+                            else:
+                                write_out()
+                if open_len == 0:
+                    flush(fi + 1, 0)
+        finally:
+            bar.close()
+        if open_len:
+            raise RuntimeError("internal error: an unfinished document at the end of the input")
+    return _finalise(out, plan, n_docs, n_tokens, dtype)
+
+
+def _finalise(out: Path, plan: dict, n_docs: int, n_tokens: int, dtype: np.dtype) -> MemmapCorpus:
+    if n_docs == 0:
+        raise ValueError(f"no document of the inputs has {plan['min_tokens']} or more tokens")
+    ends = np.fromfile(out / "offsets.bin.partial", dtype="<i8")
+    if ends.size != n_docs or int(ends[-1]) != n_tokens:
+        raise RuntimeError(f"corpus build in {out} is inconsistent; delete the folder and rebuild")
+    offsets = np.concatenate([np.zeros(1, dtype=np.int64), ends])
+    fingerprint = _fingerprint(out / "tokens.bin.partial", dtype, offsets, plan["tokenizer_name"],
+                               plan["vocab_size"])
+    fd, tmp = tempfile.mkstemp(prefix="offsets.", suffix=".npy.tmp", dir=out)
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, offsets)
+    os.replace(tmp, out / "offsets.npy")
+    os.replace(out / "tokens.bin.partial", out / "tokens.bin")
+    header = {**plan, "num_documents": n_docs, "num_tokens": n_tokens, "fingerprint": fingerprint}
+    _atomic_json(out / "header.json", header)
+    (out / "offsets.bin.partial").unlink(missing_ok=True)
+    (out / "progress.json").unlink(missing_ok=True)
+    logger.info("built corpus %s: %d documents, %d tokens", out, n_docs, n_tokens)
+    return MemmapCorpus(out)
+
+
+def _fingerprint(path: Path, dtype: np.dtype, offsets: np.ndarray, name: str, vocab_size: int) -> str:
+    """The :attr:`vmt.data.corpus.TokenizedCorpus.fingerprint` of the documents, streamed.
+
+    The token file is read sequentially in pieces (not mapped), so the pass keeps neither the
+    corpus nor its pages in this process's memory.
+    """
+    h = hashlib.sha256()
+    h.update(f"tokenizer={name}\nvocab={vocab_size}\n".encode())
+    h.update(f"documents={len(offsets) - 1}\n".encode())
+    step = 1 << 20
+    with open(path, "rb") as fh:
+        for i in range(len(offsets) - 1):
+            n = int(offsets[i + 1] - offsets[i])
+            h.update(f"{n}:".encode())
+            while n > 0:
+                take = min(n, step)
+                piece = np.fromfile(fh, dtype=dtype, count=take)
+                if piece.size != take:
+                    raise RuntimeError(f"token file {path} is shorter than its offsets say")
+                h.update(piece.astype("<i8").tobytes())
+                n -= take
+    return h.hexdigest()
+
+
+class DocumentView(Sequence):
+    """A lazy ``Sequence[Tensor]``: item ``i`` is document ``i`` as a ``(time,)`` int64 copy."""
+
+    def __init__(self, corpus: MemmapCorpus) -> None:
+        self._corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self._corpus)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._corpus.document(j) for j in range(*i.indices(len(self)))]
+        return self._corpus.document(i)
+
+
+class MemmapCorpus:
+    """A built corpus folder, memory-mapped (nothing is read until a document is asked for).
+
+    Offers what :class:`vmt.data.corpus.TokenizedCorpus` offers to the feature caches
+    (``name``, ``documents``, ``lengths``, ``fingerprint``, ``vocab_size``, ``len``).
+    """
+
+    def __init__(self, directory: str | Path, name: str | None = None) -> None:
+        self.directory = Path(directory)
+        header_path = self.directory / "header.json"
+        if not header_path.is_file():
+            raise FileNotFoundError(
+                f"no built corpus at {self.directory} (header.json missing; an unfinished build "
+                "is completed by running the build again)"
+            )
+        self.header: dict = json.loads(header_path.read_text())
+        if self.header.get("format") != _FORMAT:
+            raise ValueError(f"corpus at {self.directory} has an unknown format")
+        self.name = name or self.directory.name
+        self.vocab_size = int(self.header["vocab_size"])
+        self.tokenizer_name = str(self.header["tokenizer_name"])
+        self.fingerprint = str(self.header["fingerprint"])
+        self.offsets = np.load(self.directory / "offsets.npy", mmap_mode="r")
+        n = int(self.header["num_tokens"])
+        if len(self.offsets) != int(self.header["num_documents"]) + 1 or int(self.offsets[-1]) != n:
+            raise ValueError(f"corpus at {self.directory} has offsets that disagree with its header")
+        self.tokens = np.memmap(
+            self.directory / "tokens.bin", dtype=np.dtype(self.header["dtype"]), mode="r", shape=(n,)
+        )
+        self.documents = DocumentView(self)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.header["num_tokens"])
+
+    @property
+    def length_array(self) -> np.ndarray:
+        """``(documents,)`` int64 document lengths."""
+        return np.diff(self.offsets)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Number of tokens of each document (a list; see :attr:`length_array` for numpy)."""
+        return self.length_array.tolist()
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range for a corpus of {n} documents")
+        i %= n
+        return int(self.offsets[i]), int(self.offsets[i + 1])
+
+    def document(self, i: int) -> torch.Tensor:
+        """Document ``i``: ``(time,)`` int64 (a copy out of the map)."""
+        a, b = self._bounds(i)
+        return torch.from_numpy(self.tokens[a:b].astype(np.int64))
+
+    def slice(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """Tokens ``[start, stop)`` of document ``i``: ``(stop - start,)`` int64."""
+        a, b = self._bounds(i)
+        if not 0 <= start < stop <= b - a:
+            raise ValueError(f"slice [{start}, {stop}) is not inside document {i} of {b - a} tokens")
+        return torch.from_numpy(self.tokens[a + start : a + stop].astype(np.int64))
+
+    def sample_documents(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``(count,)`` int64 document indices drawn in proportion to their length."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        # a uniform token position falls in document i with probability length_i / total
+        pos = torch.randint(0, self.num_tokens, (count,), generator=generator).numpy()
+        return torch.from_numpy(np.searchsorted(self.offsets, pos, side="right") - 1).long()
+
+    def __repr__(self) -> str:
+        return (
+            f"MemmapCorpus({str(self.directory)!r}, documents={len(self)}, "
+            f"num_tokens={self.num_tokens}, vocab_size={self.vocab_size})"
+        )
+
+
+class MemmapSampler:
+    """Random contiguous subsequences straight from a :class:`MemmapCorpus`.
+
+    The same contract as :class:`vmt.inference.subsequences.SubsequenceSampler` (documents
+    drawn in proportion to their length, a uniform start inside each), without ever holding
+    the corpus in memory.
+
+    Args:
+        corpus: the corpus.
+        features: optional lookup ``i -> (features (time, feature), ahead (time,))``; a lookup
+            with a ``slice(i, start, stop)`` method is read only where sampled.
+        generator: the random source.
+    """
+
+    def __init__(self, corpus: MemmapCorpus, features=None, generator: torch.Generator | None = None):
+        self.corpus = corpus
+        self.features = features
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def sample(self, batch_size: int, length: int) -> ChainBatch:
+        """``batch_size`` subsequences of ``length`` tokens (shorter where a document is).
+
+        Returns a batch with ``obs`` ``(batch, time)`` int64 and either ``features``
+        ``(batch, time, feature)`` or ``reader_input`` for a trainable reader.
+        """
+        if batch_size < 1 or length < 1:
+            raise ValueError(f"batch_size and length must be >= 1, got {batch_size}, {length}")
+        docs = self.corpus.sample_documents(batch_size, self.generator)
+        seqs, feats = [], []
+        for d in docs.tolist():
+            n = int(self.corpus.offsets[d + 1] - self.corpus.offsets[d])
+            take = min(length, n)
+            a = int(torch.randint(0, n - take + 1, (1,), generator=self.generator))
+            seqs.append(self.corpus.slice(d, a, a + take))
+            if self.features is not None:
+                if hasattr(self.features, "slice"):
+                    f, _ = self.features.slice(d, a, a + take)
+                else:
+                    f = self.features(d)[0][a : a + take]
+                feats.append(f)
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        steps = int(lengths.max())
+        obs = torch.zeros(batch_size, steps, dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            obs[i, : len(s)] = s
+        batch = ChainBatch(obs=obs, start=torch.zeros_like(lengths), end=lengths)
+        if self.features is not None:
+            f = feats[0].new_zeros(batch_size, steps, feats[0].shape[-1])
+            for i, fi in enumerate(feats):
+                f[i, : len(fi)] = fi
+            return batch.with_(features=f)
+        return batch.with_(reader_input=obs, reader_lengths=lengths)

@@ -1,0 +1,303 @@
+"""Frozen-encoder features sharded on disk as numpy memory maps, built in resumable chunks.
+
+The same windowing as :class:`vmt.encoders.cache.FeatureCache` (:func:`plan_windows`), the
+same lookup ``cache[i] -> (features (time, hidden) float32, ahead (time,) int64)``, but laid
+out for corpora of millions of documents::
+
+    meta.json                       extractor and corpus fingerprints, windowing, shard table
+    shard00000.features.npy         (shard tokens, hidden) float16 or float32
+    shard00000.ahead.npy            (shard tokens,) int64
+    ...
+
+A shard holds the consecutive documents whose tokens fill about ``shard_tokens`` positions
+(a document is never split). Shards are computed one at a time; each file is written to a
+temporary name and renamed, the ``ahead`` file last, so a shard with an ``ahead`` file is
+complete. A build that is interrupted (killed, or an exception) leaves only complete shards,
+and running it again computes just the missing ones: the result is the same as an
+uninterrupted build.
+
+Lookups memory-map the shard files: reading a document touches only its rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vmt.encoders.cache import WindowPlan, _ahead, _atomic_write_bytes, _check_finite, plan_windows
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ShardedFeatureCache"]
+
+_FORMAT = 1
+_NP_DTYPES = {torch.float16: "float16", torch.float32: "float32"}
+
+
+def _save_npy(target: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def shard_table(lengths: list[int], shard_tokens: int) -> list[tuple[int, int]]:
+    """``[(first document, end document), ...]``: consecutive documents filling about
+    ``shard_tokens`` positions each (at least one document per shard)."""
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    table, start, filled = [], 0, 0
+    for i, n in enumerate(lengths):
+        if filled and filled + n > shard_tokens:
+            table.append((start, i))
+            start, filled = i, 0
+        filled += n
+    table.append((start, len(lengths)))
+    return table
+
+
+class ShardedFeatureCache:
+    """Features of every document of a corpus, in memory-mapped shards.
+
+    Use :meth:`build` (computes what is missing, then opens) or open a folder directly.
+    ``cache[i]`` is ``(features (time, hidden) float32, ahead (time,) int64)`` of document ``i``.
+    """
+
+    def __init__(self, directory: str | Path, corpus: Any = None, max_open: int = 8) -> None:
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no sharded feature cache at {self.directory} (meta.json missing)")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self.meta.get("format") != _FORMAT:
+            raise ValueError(f"sharded feature cache at {self.directory} has an unknown format")
+        if corpus is not None and corpus.fingerprint != self.meta["corpus"]:
+            raise ValueError(
+                f"sharded feature cache at {self.directory} was built for another corpus "
+                f"(fingerprint {self.meta['corpus'][:12]}, not {corpus.fingerprint[:12]})"
+            )
+        missing = [s for s in range(self.num_shards) if not self._done(s)]
+        if missing:
+            raise ValueError(
+                f"sharded feature cache at {self.directory} is incomplete: {len(missing)} of "
+                f"{self.num_shards} shards missing (first {missing[:5]}); run build again"
+            )
+        lengths = np.asarray(self.meta["lengths"], dtype=np.int64)
+        self._lengths = lengths
+        self._shard_of = np.empty(len(lengths), dtype=np.int64)
+        self._row = np.empty(len(lengths), dtype=np.int64)
+        for s, (a, b) in enumerate(self.meta["shards"]):
+            self._shard_of[a:b] = s
+            self._row[a:b] = np.concatenate([[0], np.cumsum(lengths[a:b])[:-1]])
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.max_open = max_open
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return len(self.meta["lengths"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.meta["shards"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    @property
+    def lengths(self) -> list[int]:
+        return list(self.meta["lengths"])
+
+    def _paths(self, shard: int) -> tuple[Path, Path]:
+        stem = self.directory / f"shard{shard:05d}"
+        return stem.with_name(stem.name + ".features.npy"), stem.with_name(stem.name + ".ahead.npy")
+
+    def _done(self, shard: int) -> bool:
+        feats, ahead = self._paths(shard)
+        return feats.is_file() and ahead.is_file()
+
+    def _maps(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        feats, ahead = self._paths(shard)
+        maps = (np.load(feats, mmap_mode="r"), np.load(ahead, mmap_mode="r"))
+        self._open[shard] = maps
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return maps
+
+    def _locate(self, i: int) -> tuple[int, int, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range for a cache of {n} documents")
+        i %= n
+        return int(self._shard_of[i]), int(self._row[i]), int(self._lengths[i])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (time, hidden) float32, ahead (time,) int64)`` of document ``i``."""
+        shard, row, n = self._locate(i)
+        feats, ahead = self._maps(shard)
+        f = torch.from_numpy(np.array(feats[row : row + n], dtype=np.float32))
+        return f, torch.from_numpy(np.array(ahead[row : row + n], dtype=np.int64))
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self[i]
+
+    def slice(self, i: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``[start, stop)`` of document ``i``, reading only those rows."""
+        shard, row, n = self._locate(i)
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"slice [{start}, {stop}) is not inside document {i} of {n} tokens")
+        feats, ahead = self._maps(shard)
+        f = torch.from_numpy(np.array(feats[row + start : row + stop], dtype=np.float32))
+        return f, torch.from_numpy(np.array(ahead[row + start : row + stop], dtype=np.int64))
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        extractor: torch.nn.Module,
+        corpus: Any,
+        directory: str | Path,
+        window: int = 256,
+        overlap: bool = True,
+        dtype: torch.dtype = torch.float16,
+        batch_size: int = 8,
+        shard_tokens: int = 1 << 20,
+        autocast: bool | None = None,
+        progress: bool = True,
+        on_shard: Callable[[int], None] | None = None,
+    ) -> ShardedFeatureCache:
+        """Compute the missing shards and open the cache.
+
+        Args:
+            extractor: a frozen extractor (``trainable="frozen"``) with ``fingerprint``,
+                ``hidden_size``, ``direction`` and ``forward(tokens, lengths)``.
+            corpus: a :class:`vmt.data.corpus.TokenizedCorpus` or
+                :class:`vmt.data.memmap.MemmapCorpus`.
+            directory: the cache folder.
+            window: tokens per encoder call ``W`` (>= 2).
+            overlap: windows start every ``W/2`` tokens (else every ``W``).
+            dtype: stored dtype, float16 or float32.
+            batch_size: windows per encoder call.
+            shard_tokens: positions per shard (the unit of resumption).
+            autocast: bf16 autocast around the encoder (default: on CUDA only).
+            progress: show a tqdm bar.
+            on_shard: called with the shard index after each shard is written.
+
+        Raises:
+            ValueError: for a trainable extractor, a bad dtype, non-finite features, or a
+                folder holding a different cache.
+        """
+        from tqdm.auto import tqdm
+
+        if getattr(extractor, "trainable", "frozen") != "frozen":
+            raise ValueError(
+                f"only frozen extractors can be cached (got trainable={extractor.trainable!r})"
+            )
+        if dtype not in _NP_DTYPES:
+            raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        lengths = [int(n) for n in corpus.lengths]
+        shards = shard_table(lengths, shard_tokens)
+        meta = {
+            "format": _FORMAT,
+            "extractor": extractor.fingerprint,
+            "corpus": corpus.fingerprint,
+            "window": window,
+            "overlap": overlap,
+            "direction": extractor.direction,
+            "dtype": _NP_DTYPES[dtype],
+            "hidden_size": int(extractor.hidden_size),
+            "lengths": lengths,
+            "shards": [list(s) for s in shards],
+        }
+        meta_path = directory / "meta.json"
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            diff = sorted(k for k in meta if old.get(k) != meta[k])
+            if diff:
+                raise ValueError(
+                    f"sharded feature cache at {directory} holds different data "
+                    f"({', '.join(diff)} differ); delete the folder to rebuild it"
+                )
+        else:
+            _atomic_write_bytes(meta_path, json.dumps(meta).encode())
+        cache = cls.__new__(cls)
+        cache.directory, cache.meta = directory, meta
+        pending = [s for s in range(len(shards)) if not cache._done(s)]
+        device = next((p.device for p in extractor.parameters()), torch.device("cpu"))
+        bar = tqdm(total=sum(sum(lengths[a:b]) for a, b in (shards[s] for s in pending)),
+                   unit="tok", desc="features", disable=not progress)
+        was_training = extractor.training
+        extractor.eval()
+        try:
+            for s in pending:
+                a, b = shards[s]
+                feats, ahead = cache._compute_shard(
+                    extractor, corpus, range(a, b), window, overlap, batch_size, device, autocast
+                )
+                _check_finite(feats, a, f"in shard {s} from the extractor")
+                stored = feats.to(dtype)
+                _check_finite(stored.float(), a, f"in shard {s} after conversion to {dtype}")
+                f_path, a_path = cache._paths(s)
+                _save_npy(f_path, stored.numpy())
+                _save_npy(a_path, ahead.numpy())  # written last: marks the shard complete
+                bar.update(int(feats.shape[0]))
+                if on_shard is not None:
+                    on_shard(s)
+        finally:
+            bar.close()
+            extractor.train(was_training)
+        return cls(directory, corpus)
+
+    @staticmethod
+    def _compute_shard(extractor, corpus, docs: range, window: int, overlap: bool,
+                       batch_size: int, device: torch.device, autocast: bool | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (tokens, hidden) float32, ahead (tokens,) int64)`` of documents ``docs``
+        laid end to end."""
+        from vmt.inference.distributed import encoder_autocast
+
+        direction = extractor.direction
+        lengths = [len(corpus.documents[i]) for i in docs]
+        base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        total = int(base[-1])
+        feats = torch.empty(total, int(extractor.hidden_size), dtype=torch.float32)
+        ahead = torch.empty(total, dtype=torch.int64)
+        jobs: list[tuple[int, WindowPlan]] = [
+            (k, p) for k, n in enumerate(lengths) for p in plan_windows(n, window, overlap, direction)
+        ]
+        documents = {k: corpus.documents[i] for k, i in enumerate(docs)}
+        for j in range(0, len(jobs), batch_size):
+            chunk = jobs[j : j + batch_size]
+            sizes = torch.tensor([p.end - p.start for _, p in chunk], dtype=torch.int64)
+            tokens = torch.zeros(len(chunk), int(sizes.max()), dtype=torch.int64)
+            for row, (k, p) in enumerate(chunk):
+                tokens[row, : p.end - p.start] = documents[k][p.start : p.end]
+            with torch.no_grad(), encoder_autocast(device, autocast):
+                out = extractor(tokens.to(device), sizes.to(device)).float().cpu()
+            for row, (k, p) in enumerate(chunk):
+                o = int(base[k])
+                feats[o + p.lo : o + p.hi] = out[row, p.lo - p.start : p.hi - p.start]
+                ahead[o + p.lo : o + p.hi] = _ahead(p, direction)
+        return feats, ahead

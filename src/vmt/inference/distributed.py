@@ -1,0 +1,407 @@
+"""Distributed SVI with ``torch.distributed`` (DDP), launched by ``torchrun``.
+
+Every rank samples its own subsequences, computes its share of the loss, and
+:class:`torch.nn.parallel.DistributedDataParallel` all-reduces the gradients (gloo on CPU,
+NCCL on GPUs). Rank 0 logs and writes checkpoints.
+
+Normalisation. The single-process loss of :class:`vmt.inference.train.Trainer` over a batch is
+``-sum(ELBO) / tokens + w * (aux sums / aux counts)``. DDP *averages* gradients over the
+``W`` ranks, so rank ``r`` computes ``W * (-sum_r(ELBO) / T + w * aux_sum_r / A)`` where ``T``
+and ``A`` are the token and auxiliary-term counts summed over all ranks (one small all-reduce
+of counts before the forward pass). The averaged gradient is then exactly the gradient of the
+single-process loss over the union of the ranks' batches, whatever the ranks' batch sizes.
+
+Randomness. The sampler generator and the global RNG (the guide's noise) of rank ``r`` at step
+``s`` are seeded from ``(seed, s, r)``: no random state needs saving, a run killed and resumed
+with the same number of ranks repeats the uninterrupted one exactly, and a checkpoint can be
+resumed with a different number of ranks (model, optimiser and step are rank-independent).
+
+Precision. The probabilistic parts run with autocast disabled (their dtype is the model's,
+float32 by default); bf16 autocast is for the encoder only (:func:`encoder_autocast`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from vmt.checkpoint import (
+    _load_tensors,
+    _unflatten_optimizer,
+    load_state_into,
+    read_meta,
+    save_checkpoint,
+)
+from vmt.inference.elbo import auxiliary_losses, elbo_terms
+from vmt.inference.subsequences import Curriculum, SubsequenceSampler, suffix_parallel_batch
+from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult
+from vmt.models.batch import ChainBatch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DistributedTrainer",
+    "SVILoss",
+    "batch_to",
+    "distributed_fit",
+    "encoder_autocast",
+    "init_distributed",
+    "step_seed",
+]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of rank ``rank`` at step ``step`` of a run seeded with ``seed`` (63 bits)."""
+    state = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment (if any).
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or ``None`` (NCCL when CUDA is available, else gloo).
+
+    Returns:
+        ``(rank, world_size, device)``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
+        Without ``WORLD_SIZE`` in the environment (a plain ``python`` run): ``(0, 1, device)``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if cuda else "gloo")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def encoder_autocast(device: torch.device | str, enabled: bool | None = None):
+    """bf16 autocast for a (frozen) encoder: on by default on CUDA, off on CPU."""
+    device = torch.device(device)
+    if enabled is None:
+        enabled = device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def batch_to(batch: ChainBatch, device: torch.device | str) -> ChainBatch:
+    """The batch with every tensor moved to ``device``."""
+    changes = {
+        f.name: getattr(batch, f.name).to(device)
+        for f in dataclasses.fields(batch)
+        if torch.is_tensor(getattr(batch, f.name))
+    }
+    return batch.with_(**changes)
+
+
+def aux_counts(batch: ChainBatch, skip: int | None) -> tuple[int, int]:
+    """How many terms :func:`vmt.inference.elbo.auxiliary_losses` averages for ``init`` and
+    ``skip`` (its ``prior`` averages over the batch's tokens)."""
+    init = int((batch.first_mask() & batch.carried_rows()[:, None]).sum())
+    pairs = 0
+    if skip is not None and skip >= 2 and batch.num_steps > skip:
+        pos = batch.positions()
+        valid = (pos[:-skip] >= batch.start[:, None]) & (pos[skip:] < batch.end[:, None])
+        pairs = int(valid.sum())
+    return init, pairs
+
+
+class SVILoss(nn.Module):
+    """The loss of :meth:`vmt.inference.train.Trainer.loss` (subsequence regime) as a module,
+    so DDP can wrap it; normalised by counts summed over all ranks (module docstring).
+
+    Args:
+        vmt: the model (a submodule, so its parameters are this module's).
+        config: the training settings (``direction``, ``aux_weight``).
+    """
+
+    def __init__(self, vmt: nn.Module, config: TrainConfig) -> None:
+        super().__init__()
+        self.vmt = vmt
+        self.config = config
+
+    def forward(
+        self,
+        batch: ChainBatch,
+        annealing: float,
+        skip: int | None,
+        totals: torch.Tensor,
+        world_size: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-local loss and the detached ELBO sum.
+
+        Args:
+            batch: this rank's batch (on the model's device).
+            annealing: KL annealing factor.
+            skip: the skip length of the auxiliary skip loss (``None``: none).
+            totals: ``(3,)`` counts over all ranks: tokens, carried first states, skip pairs.
+            world_size: number of ranks whose gradients DDP averages.
+
+        Returns:
+            ``(loss, elbo_sum)``: scalar loss (see the module docstring) and ``sum`` of this
+            rank's per-row ELBOs (annealing 1).
+        """
+        if totals.shape != (3,):
+            raise ValueError(f"totals must be (3,), got {tuple(totals.shape)}")
+        tokens, init_total, skip_total = (max(int(v), 1) for v in totals.tolist())
+        with torch.autocast(batch.obs.device.type, enabled=False):
+            terms = elbo_terms(self.vmt, batch, self.config.direction)
+            loss = -terms.elbo_per_row(annealing).sum() * (world_size / tokens)
+            if self.config.aux_weight > 0:
+                aux = auxiliary_losses(terms, batch, skip)
+                init, pairs = aux_counts(batch, skip)
+                local_tokens = terms.mask.sum()
+                aux_loss = (
+                    aux["init"] * (init / init_total)
+                    + aux["prior"] * (local_tokens / tokens)
+                    + aux["skip"] * (pairs / skip_total)
+                )
+                loss = loss + self.config.aux_weight * world_size * aux_loss
+        return loss, terms.elbo_per_row().sum().detach()
+
+
+class DistributedTrainer:
+    """SVI in the subsequence regime on one rank of a ``torchrun`` job (or alone).
+
+    ``config.batch_size`` and ``config.budget`` are per rank: the global batch is
+    ``world_size`` times larger.
+
+    Args:
+        vmt: the model; moved to ``device``.
+        data: documents (``Sequence`` of ``(time,)`` tensors) or a
+            :class:`vmt.data.memmap.MemmapCorpus` (sampled straight from its memory map).
+        config: :class:`TrainConfig` with ``regime="subsequence"``.
+        features: lookup of cached features per document (frozen encoder), or ``None`` for a
+            VMT with a trainable reader.
+        checkpoint_dir: where rank 0 writes checkpoints (``None``: none).
+        device: where the model and batches live (default: the device of
+            :func:`init_distributed`).
+        meta: extra JSON stored in checkpoints.
+        find_unused_parameters: passed to DDP (needed when some parameters get no gradient);
+            default: only for a VMT with reverse parts (one direction trains at a time).
+    """
+
+    def __init__(
+        self,
+        vmt: nn.Module,
+        data,
+        config: TrainConfig,
+        features=None,
+        checkpoint_dir: str | Path | None = None,
+        device: torch.device | str | None = None,
+        meta: dict | None = None,
+        find_unused_parameters: bool | None = None,
+    ) -> None:
+        if config.regime != "subsequence":
+            raise ValueError(
+                f"distributed training supports regime='subsequence', got {config.regime!r}"
+            )
+        if features is None and vmt.reader is None:
+            raise ValueError("give cached features or a VMT with a trainable reader")
+        self.rank, self.world_size = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        )
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.vmt = vmt.to(self.device)
+        self.config = config
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.meta = dict(meta or {})
+        self.generator = torch.Generator()
+        from vmt.data.memmap import MemmapCorpus, MemmapSampler
+
+        if isinstance(data, MemmapCorpus):
+            self.sampler = MemmapSampler(data, features, self.generator)
+        else:
+            self.sampler = SubsequenceSampler(data, features, self.generator)
+        self.curriculum = Curriculum(config.min_length, config.max_length, config.steps_per_length)
+        self.loss_module = SVILoss(self.vmt, config)
+        if find_unused_parameters is None:
+            find_unused_parameters = bool(getattr(vmt.config, "reverse", False))
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model: nn.Module = nn.parallel.DistributedDataParallel(
+                self.loss_module, device_ids=ids, find_unused_parameters=find_unused_parameters
+            )
+        else:
+            self.model = self.loss_module
+        self.params = [p for p in self.vmt.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate)
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- state ----------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Rank 0 writes a checkpoint; every rank waits for it."""
+        path = None
+        if self.rank == 0 and self.checkpoint_dir is not None:
+            meta = {
+                **self.meta,
+                "train_config": dataclasses.asdict(self.config),
+                "step": self.step,
+                "window_index": 0,
+                "history": self.history,
+                "world_size": self.world_size,
+            }
+            path = save_checkpoint(self.checkpoint_dir, self.vmt, optimizer=self.optimizer, meta=meta)
+        if self.world_size > 1:
+            dist.barrier()
+        return path if self.rank == 0 else self.checkpoint_dir
+
+    def resume(self) -> bool:
+        """Continue from ``checkpoint_dir`` (any rank count may have written it)."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.json").exists():
+            return False
+        meta = read_meta(self.checkpoint_dir)
+        if meta["vmt_config"] != self.vmt.config.to_dict():
+            raise ValueError(
+                f"checkpoint {self.checkpoint_dir} was written for a different model config; "
+                "use another checkpoint folder or the same config"
+            )
+        # read the tensors as stored (rebuilding the model would cast them to float32)
+        state = _load_tensors(self.checkpoint_dir / "model.safetensors")
+        state = {k: v.to(self.device) for k, v in state.items()}
+        load_state_into(self.vmt, state, f"checkpoint {self.checkpoint_dir}")
+        if "optimizer" in meta:
+            tensors = _load_tensors(self.checkpoint_dir / "optimizer.safetensors")
+            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        self.step = int(meta["step"])
+        self.history = list(meta.get("history", []))
+        logger.info(
+            "rank %d resumed from %s at step %d (written by %s ranks, now %d)",
+            self.rank, self.checkpoint_dir, self.step, meta.get("world_size", 1), self.world_size,
+        )
+        return True
+
+    # -- one step -------------------------------------------------------------------------
+    def sample_batch(self, step: int, rank: int | None = None) -> tuple[ChainBatch, int | None]:
+        """This rank's batch and skip length of ``step``; reseeds the generator and the global
+        RNG from :func:`step_seed` (so the guide's noise of the step follows too)."""
+        c = self.config
+        rank = self.rank if rank is None else rank
+        seed = step_seed(c.seed, step, rank)
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed ^ 0x5DEECE66D)
+        base = self.sampler.sample(c.batch_size, self.curriculum.length_at(step))
+        if c.suffix_parallel:
+            base = suffix_parallel_batch(base, c.budget, min(c.min_length, int(base.end.max())))
+        skip = None
+        if c.max_skip >= 2:
+            skip = int(torch.randint(2, c.max_skip + 1, (1,), generator=self.generator))
+        return batch_to(base, self.device), skip
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            values = values.to(self.device)
+            dist.all_reduce(values)
+        return values.cpu()
+
+    def train_step(self, annealing: float) -> dict:
+        """One optimiser step; returns global ``tokens``, ``elbo_sum`` and ``loss``."""
+        c = self.config
+        batch, skip = self.sample_batch(self.step)
+        init, pairs = aux_counts(batch, skip)
+        counts = torch.tensor([int(batch.mask().sum()), init, pairs], dtype=torch.int64)
+        totals = self._all_reduce(counts)
+        loss, elbo_sum = self.model(batch, annealing, skip, totals, self.world_size)
+        self.optimizer.zero_grad()
+        loss.backward()
+        stats = self._all_reduce(
+            torch.stack([loss.detach().double().cpu(), elbo_sum.double().cpu()])
+        )
+        if not all(math.isfinite(v) for v in stats.tolist()):
+            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_norm)
+        if not math.isfinite(float(norm)):
+            raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
+        self.optimizer.step()
+        self.step += 1
+        tokens = int(totals[0])
+        # the per-rank losses sum to W times the global loss (DDP averages their gradients)
+        return {"tokens": tokens, "elbo_sum": float(stats[1]), "loss": float(stats[0]) / self.world_size}
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self, progress: bool = True) -> TrainResult:
+        """Train to ``config.steps``; rank 0 logs, checkpoints every ``checkpoint_every`` steps
+        and at the end."""
+        c = self.config
+        has_ckpt = self.checkpoint_dir is not None and (self.checkpoint_dir / "checkpoint.json").exists()
+        last_good = self.checkpoint_dir if has_ckpt else None
+        show = progress and self.rank == 0
+        bar = tqdm(total=c.steps, initial=self.step, disable=not show, desc="SVI", unit="step")
+        tokens_seen, t0 = 0, time.perf_counter()
+        self.vmt.train()
+        try:
+            while self.step < c.steps:
+                annealing = c.annealing(self.step)
+                out = self.train_step(annealing)
+                tokens_seen += out["tokens"]
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    elapsed = time.perf_counter() - t0
+                    record = {
+                        "step": self.step,
+                        "loss": out["loss"],
+                        "elbo_per_token": out["elbo_sum"] / max(out["tokens"], 1),
+                        "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
+                        "annealing": annealing,
+                    }
+                    self.history.append(record)
+                    bar.set_postfix(elbo_tok=f"{record['elbo_per_token']:.3f}",
+                                    tok_s=f"{record['tokens_per_second']:.0f}")
+                bar.update(1)
+                if self.checkpoint_dir is not None and self.step % c.checkpoint_every == 0:
+                    last_good = self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            saved = self.save() if self.checkpoint_dir is not None else None
+            logger.warning("interrupted at step %d; checkpoint saved to %s", self.step, saved)
+            return TrainResult(self.step, self.history, "interrupted", saved)
+        except NonFiniteLoss as err:
+            bar.close()
+            logger.error("%s; the last good checkpoint is %s", err, last_good)
+            return TrainResult(self.step, self.history, f"{err}; the last good checkpoint is kept", last_good)
+        bar.close()
+        saved = self.save() if self.checkpoint_dir is not None else None
+        return TrainResult(self.step, self.history, "completed", saved)
+
+
+def distributed_fit(
+    vmt: nn.Module,
+    data,
+    config: TrainConfig,
+    features=None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    meta: dict | None = None,
+) -> TrainResult:
+    """:func:`vmt.inference.train.fit` for ``torchrun``: joins the process group the
+    environment describes (gloo on CPU, NCCL on GPUs), trains with :class:`DistributedTrainer`
+    and resumes from ``checkpoint_dir`` if it holds a checkpoint. Run alone, it trains on one
+    process with the same semantics."""
+    _, _, default_device = init_distributed()
+    trainer = DistributedTrainer(
+        vmt, data, config, features, checkpoint_dir, device or default_device, meta
+    )
+    if resume:
+        trainer.resume()
+    return trainer.fit(progress)
+
