@@ -1,11 +1,10 @@
-import os
-
 import numpy as np
 import pytest
 import torch
 
-# Tests are small; two threads match the CI machine and keep runs repeatable.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Test problems are small: one intra-op thread is as fast and never oversubscribes the cores
+# when several test processes (subprocess workers, notebook kernels) run at once.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,235 @@
+"""Seeded long-memory tasks generated locally (no download).
+
+* **Rock-paper-scissors** against a player with a 50/30/20 move preference; each prompt
+  reveals the player's previous move, the model answers by option likelihood. The best
+  fixed strategy (always beat the favourite) wins about 50% of rounds.
+* **Grocery key recall**: an instruction to buy one item, ``N`` distractor multiple-choice
+  questions, then "what did I ask you to buy?" among four items.
+* **Passkey retrieval**: a five-digit key stated once inside natural-text filler (English
+  reference prose from CPython's ``pydoc_data.topics``, never a repeated sentence) at a
+  chosen depth; the question at the end.
+
+No multi-turn dialogue corpus ships with the installed packages, so there is no dialogue
+response-selection task here.
+
+Every generator is a pure function of its arguments and ``seed``. The task *runners* that
+play a session against a memory method live in :mod:`vmt.memory.methods`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+RPS_MOVES = ("rock", "paper", "scissors")
+#: The move that beats each move.
+RPS_COUNTER = {"rock": "paper", "paper": "scissors", "scissors": "rock"}
+LETTERS = ("A", "B", "C", "D")
+
+GROCERY_ITEMS = (
+    "apples", "bananas", "carrots", "eggs", "milk", "bread", "butter", "cheese", "yogurt",
+    "rice", "pasta", "flour", "sugar", "salt", "pepper", "coffee", "tea", "honey", "jam",
+    "oranges", "lemons", "grapes", "strawberries", "tomatoes", "potatoes", "onions", "garlic",
+    "spinach", "lettuce", "cucumbers", "broccoli", "mushrooms", "chicken", "salmon", "tuna",
+    "beans", "lentils", "oats", "cereal", "crackers", "cookies", "chocolate", "olive oil",
+    "vinegar", "ketchup", "mustard", "peanut butter", "almonds", "walnuts", "popcorn",
+)  # fmt: skip
+
+_CATEGORIES = {
+    "an animal": ("dog", "horse", "rabbit", "tiger", "sheep", "eagle", "dolphin", "goat"),
+    "a colour": ("red", "green", "blue", "yellow", "purple", "orange", "brown", "black"),
+    "a musical instrument": ("violin", "piano", "flute", "drum", "guitar", "trumpet", "harp"),
+    "a tool": ("hammer", "saw", "wrench", "screwdriver", "drill", "chisel", "pliers"),
+    "a planet": ("Mars", "Venus", "Jupiter", "Saturn", "Mercury", "Neptune", "Uranus"),
+}
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    """A multiple-choice question: ``prompt`` text, option texts, index of the right one."""
+
+    prompt: str
+    options: tuple[str, ...]
+    answer: int
+
+
+# --------------------------------------------------------------------------- RPS
+def rps_preferences(favourite: str, preference: tuple[float, float, float] = (0.5, 0.3, 0.2)):
+    """Move probabilities: ``favourite`` gets ``preference[0]``, the next moves in the cycle
+    rock -> paper -> scissors the other two."""
+    if favourite not in RPS_MOVES:
+        raise ValueError(f"favourite must be one of {RPS_MOVES}, got {favourite!r}")
+    if len(preference) != 3 or any(p < 0 for p in preference) or abs(sum(preference) - 1) > 1e-9:
+        raise ValueError(f"preference must be 3 non-negative numbers summing to 1, got {preference}")
+    start = RPS_MOVES.index(favourite)
+    return {RPS_MOVES[(start + i) % 3]: float(preference[i]) for i in range(3)}
+
+
+def rps_player_moves(
+    n_rounds: int,
+    favourite: str,
+    seed: int,
+    preference: tuple[float, float, float] = (0.5, 0.3, 0.2),
+) -> list[str]:
+    """The player's moves for ``n_rounds`` rounds, drawn i.i.d. from its preference."""
+    if n_rounds < 1:
+        raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
+    probs = rps_preferences(favourite, preference)
+    rng = random.Random(seed)
+    moves, weights = list(probs), list(probs.values())
+    return rng.choices(moves, weights=weights, k=n_rounds)
+
+
+RPS_INTRO = (
+    "User: Let's play many rounds of rock-paper-scissors. In each round you choose one "
+    "option: (A) rock (B) paper (C) scissors. After each round I tell you what I played. "
+    "Try to win as often as you can by learning my habits.\n"
+)
+RPS_OPTIONS = ("A", "B", "C")  # rock, paper, scissors
+
+
+def rps_round_prompt(previous_move: str | None) -> str:
+    """Prompt of one round; the player's previous move is revealed (none in round one)."""
+    head = "Round 1." if previous_move is None else f"I played {previous_move}. Next round."
+    return f"User: {head} (A) rock (B) paper (C) scissors?\nAssistant: I choose ("
+
+
+def rps_outcome(model_move: str, player_move: str) -> int:
+    """+1 win, 0 tie, -1 loss for the model."""
+    if model_move == player_move:
+        return 0
+    return 1 if RPS_COUNTER[player_move] == model_move else -1
+
+
+# --------------------------------------------------------------------------- grocery
+def _mc(rng: random.Random, stem: str, right: str, wrong: list[str]) -> MCQuestion:
+    options = [right, *wrong[:3]]
+    rng.shuffle(options)
+    letters = " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return MCQuestion(f"User: {stem} {letters}\nAssistant: (", tuple(options), options.index(right))
+
+
+def distractor_question(rng: random.Random) -> MCQuestion:
+    """One easy multiple-choice question (arithmetic or category membership)."""
+    if rng.random() < 0.5:
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        right = a + b
+        wrong = rng.sample([v for v in range(right - 9, right + 10) if v != right and v > 0], 3)
+        return _mc(rng, f"What is {a} + {b}?", str(right), [str(w) for w in wrong])
+    names = list(_CATEGORIES)
+    cat = rng.choice(names)
+    right = rng.choice(_CATEGORIES[cat])
+    others = [rng.choice(_CATEGORIES[c]) for c in rng.sample([c for c in names if c != cat], 3)]
+    return _mc(rng, f"Which of these is {cat}?", right, others)
+
+
+@dataclass(frozen=True)
+class GrocerySession:
+    """Instruction, distractor questions, and the recall question (answer = the item)."""
+
+    item: str
+    instruction: str
+    distractors: tuple[MCQuestion, ...]
+    recall: MCQuestion
+
+
+def grocery_session(n_distractors: int, seed: int) -> GrocerySession:
+    """A grocery key-recall session with ``n_distractors`` questions between key and recall."""
+    if n_distractors < 0:
+        raise ValueError(f"n_distractors must be >= 0, got {n_distractors}")
+    rng = random.Random(seed)
+    item = rng.choice(GROCERY_ITEMS)
+    instruction = (
+        f"User: Please remember this for later: I need you to buy {item} at the grocery store "
+        "today. Now let me ask you some other questions.\nAssistant: OK, I will remember.\n"
+    )
+    distractors = tuple(distractor_question(rng) for _ in range(n_distractors))
+    wrong = rng.sample([g for g in GROCERY_ITEMS if g != item], 3)
+    recall = _mc(rng, "What did I ask you to buy at the grocery store?", item, wrong)
+    return GrocerySession(item, instruction, distractors, recall)
+
+
+# --------------------------------------------------------------------------- passkey
+def natural_filler(n_chars: int, seed: int) -> str:
+    """``n_chars`` characters of English prose from ``pydoc_data.topics``, chosen by ``seed``.
+
+    Documents are taken in a seeded random order, starting at a paragraph boundary, so the
+    filler is natural text rather than a repeated sentence.
+    """
+    from pydoc_data.topics import topics
+
+    if n_chars < 1:
+        raise ValueError(f"n_chars must be >= 1, got {n_chars}")
+    rng = random.Random(seed)
+    keys = sorted(topics)
+    rng.shuffle(keys)
+    parts, total = [], 0
+    for key in keys:
+        doc = topics[key]
+        paragraphs = [p for p in doc.split("\n\n") if p.strip()]
+        start = rng.randrange(max(len(paragraphs) // 2, 1))
+        piece = "\n\n".join(paragraphs[start:]) + "\n\n"
+        parts.append(piece)
+        total += len(piece)
+        if total >= n_chars:
+            break
+    text = "".join(parts)
+    if len(text) < n_chars:
+        raise ValueError(f"the embedded corpus has only {len(text)} characters")
+    return text[:n_chars]
+
+
+def natural_text_stream(n_chars: int | None = None) -> str:
+    """All of ``pydoc_data.topics`` in a fixed (sorted) order, optionally cut to ``n_chars``."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return text if n_chars is None else text[:n_chars]
+
+
+@dataclass(frozen=True)
+class PasskeyTrial:
+    """Token ids of the context (ending just before the answer) and of the answer."""
+
+    context: tuple[int, ...]
+    answer: tuple[int, ...]
+    key: str
+    depth: float
+    needle_start: int
+
+
+PASSKEY_INTRO = (
+    "There is an important pass key hidden inside a lot of irrelevant text. Find it and "
+    "remember it; I will ask for it at the end.\n\n"
+)
+
+
+def passkey_trial(tokenize, n_tokens: int, depth: float, seed: int) -> PasskeyTrial:
+    """A passkey-retrieval context of about ``n_tokens`` tokens with the key at ``depth``.
+
+    Args:
+        tokenize: ``str -> list[int]`` without special tokens.
+        n_tokens: total context length in tokens (intro + filler + needle + question).
+        depth: relative position of the needle in the filler, in [0, 1].
+        seed: picks the key and the filler.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    intro = tokenize(PASSKEY_INTRO)
+    needle = tokenize(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n")
+    question = tokenize("\n\nWhat is the pass key? The pass key is")
+    answer = tokenize(f" {key}")
+    n_filler = n_tokens - len(intro) - len(needle) - len(question)
+    if n_filler < 1:
+        raise ValueError(f"n_tokens={n_tokens} leaves no room for filler")
+    filler: list[int] = []
+    n_chars = 6 * n_filler
+    while len(filler) < n_filler:
+        filler = tokenize(natural_filler(n_chars, seed))
+        n_chars *= 2
+    filler = filler[:n_filler]
+    cut = round(depth * n_filler)
+    context = intro + filler[:cut] + needle + filler[cut:] + question
+    return PasskeyTrial(tuple(context), tuple(answer), key, depth, len(intro) + cut)
