@@ -1,0 +1,343 @@
+"""Reading input of any length with a bounded window.
+
+The guide of a VMT reads features ``h_k`` that summarise ``y_k .. y_end`` of the window it
+was given. To read an input longer than any window, :func:`read`:
+
+1. encodes the first ``W`` tokens (in reverse, through the feature function),
+2. samples ``x_1 ~ q(x_1 | h_1, T)`` and steps the guide ``x_{k+1} ~ q(x_{k+1} | x_k, h_{k+1}, T)``
+   up to ``W / 2``,
+3. re-encodes ``W`` tokens from there (fresh look-ahead) and keeps stepping from the carried
+   state, until the input ends (the last window is read to its end).
+
+Only the current window's features and the running state are held, so memory is bounded by
+the window, not by the input. Two accelerations trade accuracy for speed:
+
+* **skip** (``skip=t > 1``): ``x_{k+t} ~ q(x_{k+t} | x_k, h_{k+1}, t, T)`` with the skip guide;
+* **jump** (``jump=True``): the first window's last state is drawn directly from the reverse
+  guide's first-state distribution ``q_r(x_n | h_n)`` on features of a *forward* reading
+  (``h_n`` summarises ``y_1 .. y_n``), and stepping continues from there.
+
+Step-by-step reading keeps an exact running single-sample ELBO of everything read:
+``sum_k log p(y_k | x_k) + log p(x_k | x_{k-1}) - log q(x_k | ...)`` (the first term of an
+uncarried read uses the prior ``p(x_1)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro.distributions as dist
+import torch
+
+from vmt.models.guide import GuideNet
+
+logger = logging.getLogger(__name__)
+
+FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(inputs (1, time) or (1, time, obs), lengths (1,)) -> (1, time, feature)``.
+
+Any reader of a VMT or an :class:`~vmt.encoders.features.LMFeatureExtractor` has this
+signature. For the forward guide the features must be a *reversed* reading of the window.
+"""
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """How to read.
+
+    Attributes:
+        window: tokens encoded at once (``W >= 2``); a new window starts every ``W // 2``.
+        skip: ``1`` reads step by step; ``t > 1`` samples only every ``t``-th state with the
+            skip guide (no ELBO is kept then: the skipped tokens are not scored).
+        jump: draw the state at the end of the first window with ``q_r(x_n | h_n)`` (needs a
+            VMT with reverse networks) instead of stepping through it.
+        score: keep the running ELBO terms (costs a transition and an emission evaluation
+            per token; switch off for the fastest reading).
+        keep_path: also return every state ``(samples, time, state)`` (memory grows with the
+            input; meant for posterior inspection of texts of moderate length).
+    """
+
+    window: int = 256
+    skip: int = 1
+    jump: bool = False
+    score: bool = True
+    keep_path: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or self.window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {self.window!r}")
+        if not isinstance(self.skip, int) or self.skip < 1:
+            raise ValueError(f"skip must be an integer >= 1, got {self.skip!r}")
+        if self.skip > self.window // 2:
+            raise ValueError(f"skip {self.skip} must not exceed half the window ({self.window // 2})")
+
+
+@dataclass
+class ReadResult:
+    """What a read produced.
+
+    Attributes:
+        state: ``(samples, state)`` the state at the last position that was read.
+        position: index of that position in the input.
+        tokens_read: input length.
+        log_lik, log_latent, log_guide: ``(samples,)`` sums over the scored positions of
+            ``log p(y_k | x_k)``, ``log p(x_k | x_{k-1})`` (or the prior) and ``log q``.
+        scored: number of positions whose terms are summed (all of them when reading step by
+            step; the sampled positions only when skipping; none inside a jumped window).
+        path: ``(samples, time, state)`` every state (``keep_path``; ``None`` otherwise). With
+            skipping or a jump, positions without a sampled state are NaN.
+        windows: number of windows encoded.
+        skipped_to: positions reached by a skip of ``t > 1`` (only their emission is in
+            ``log_lik``; ``elbo`` is then not a bound).
+    """
+
+    state: torch.Tensor
+    position: int
+    tokens_read: int
+    log_lik: torch.Tensor
+    log_latent: torch.Tensor
+    log_guide: torch.Tensor
+    scored: int
+    path: torch.Tensor | None
+    windows: int
+    skipped_to: int = 0
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        """``(samples,)`` single-sample ELBO of the scored positions."""
+        return self.log_lik + self.log_latent - self.log_guide
+
+    def neg_elbo_per_token(self) -> float:
+        """Mean over samples of ``-ELBO / scored positions`` (nats per token)."""
+        if self.skipped_to:
+            raise ValueError("a skip read has no ELBO; price it with continuation_cost")
+        if self.scored == 0:
+            raise ValueError("no position was scored (the whole input was jumped over)")
+        return float(-self.elbo.mean()) / self.scored
+
+
+def reader_features(vmt) -> FeatureFn:
+    """The VMT's own trainable reader as a feature function."""
+    if vmt.reader is None:
+        raise ValueError("this VMT has no reader; pass a feature function (e.g. an LMFeatureExtractor)")
+    return vmt.reader
+
+
+def flipped(feature_fn: FeatureFn) -> FeatureFn:
+    """The same feature function applied to the time-reversed window, flipped back.
+
+    For a reversed reader this gives a *forward* reading (``h_k`` summarises ``y_1 .. y_k``),
+    which is what the reverse guide ``q_r`` was trained on when the reverse VMT was fitted on
+    reversed documents with the shared reader (see :mod:`vmt.inference.reverse`).
+    """
+
+    def forward_reading(inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return feature_fn(inputs.flip(1), lengths).flip(1)
+
+    return forward_reading
+
+
+def _check_input(tokens: torch.Tensor, obs_dim: int, categorical: bool) -> None:
+    if categorical:
+        if tokens.dim() != 1 or tokens.is_floating_point():
+            raise ValueError(f"tokens must be (time,) int64, got {tuple(tokens.shape)} {tokens.dtype}")
+    elif tokens.dim() != 2 or tokens.shape[-1] != obs_dim:
+        raise ValueError(f"observations must be (time, {obs_dim}), got {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0:
+        raise ValueError("cannot read an empty input (0 tokens)")
+    if categorical and (int(tokens.min()) < 0 or int(tokens.max()) >= obs_dim):
+        raise ValueError(
+            f"token ids must lie in [0, {obs_dim}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class _DiagNormal:
+    """A lean diagonal Gaussian (event ``(state,)``) without distribution-object overhead."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor):
+        self.loc, self.scale = loc, scale
+
+    def sample(self) -> torch.Tensor:
+        return self.loc + torch.randn_like(self.loc) * self.scale
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.loc) / self.scale
+        return -(0.5 * z * z + self.scale.log() + _HALF_LOG_2PI).sum(-1)
+
+
+def _gaussian(net: GuideNet, loc, scale, combined):
+    transforms = net.flow_transforms(combined)
+    if not transforms:
+        return _DiagNormal(loc, scale)
+    return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), transforms)
+
+
+def _transition(transition, x_prev: torch.Tensor):
+    """``p(x_k | x_{k-1})``, lean when the transition is Gaussian."""
+    if hasattr(transition, "loc_scale"):
+        return _DiagNormal(*transition.loc_scale(x_prev))
+    return transition.distribution(x_prev)
+
+
+def _window_context(net: GuideNet, feature_fn: FeatureFn, window: torch.Tensor) -> torch.Tensor:
+    """``(time, hidden)`` guide context of one window ``(time,)`` or ``(time, obs)``."""
+    steps = window.shape[0]
+    lengths = torch.tensor([steps])
+    feats = feature_fn(window[None], lengths)
+    if feats.dim() != 3 or feats.shape[:2] != (1, steps):
+        raise ValueError(f"the feature function returned {tuple(feats.shape)}, expected (1, {steps}, feature)")
+    ahead = (steps - torch.arange(steps))[None]
+    return net.context(feats, ahead)[0]
+
+
+@torch.no_grad()
+def read(
+    vmt,
+    tokens: torch.Tensor,
+    config: ReadConfig | None = None,
+    feature_fn: FeatureFn | None = None,
+    *,
+    samples: int = 1,
+    x0: torch.Tensor | None = None,
+    direction: str = "forward",
+    jump_features: FeatureFn | None = None,
+) -> ReadResult:
+    """Read ``tokens`` with a bounded window and return the last state and ELBO terms.
+
+    Args:
+        vmt: a fitted :class:`~vmt.models.vmt.VariationalMarkovTransformer`.
+        tokens: ``(time,)`` int64 tokens (categorical emission) or ``(time, obs)`` floats.
+        config: :class:`ReadConfig` (default: window 256, step by step).
+        feature_fn: computes guide features of a window (default: the VMT's reader).
+        samples: independent reads at once (rows of the state).
+        x0: ``(samples, state)`` or ``(state,)`` carried state to continue from (e.g. the
+            state after an earlier turn); ``None`` starts with ``q(x_1 | h_1, T)``.
+        direction: ``"reverse"`` reads with the reverse guide and scores with ``p_r`` (give it
+            time-reversed tokens and a feature function of the reverse model).
+        jump_features: forward-reading features for the jump (default: ``flipped(feature_fn)``).
+
+    Returns:
+        :class:`ReadResult`.
+    """
+    config = config or ReadConfig()
+    c = vmt.config
+    categorical = c.emission == "categorical"
+    _check_input(tokens, c.obs_dim, categorical)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    feature_fn = feature_fn or reader_features(vmt)
+    net = vmt.guide_net_for(direction)
+    transition = vmt.transition_for(direction)
+    if config.jump:
+        if direction != "forward":
+            raise ValueError("the jump reads forward; it cannot be combined with direction='reverse'")
+        if x0 is not None:
+            raise ValueError("the jump starts a read; it cannot continue from a carried x0")
+        reverse_net = vmt.guide_net_for("reverse")  # raises without reverse networks
+    if x0 is not None:
+        x0 = x0.expand(samples, -1) if x0.dim() == 1 else x0
+        if x0.shape != (samples, c.state_dim):
+            raise ValueError(f"x0 must be ({samples}, {c.state_dim}) or ({c.state_dim},), got {tuple(x0.shape)}")
+    n, w, t = tokens.shape[0], config.window, config.skip
+    dtype = next(vmt.parameters()).dtype
+    zeros = torch.zeros(samples, dtype=dtype)
+    log_lik, log_latent, log_guide = zeros.clone(), zeros.clone(), zeros.clone()
+    path = torch.full((samples, n, c.state_dim), float("nan"), dtype=dtype) if config.keep_path else None
+    prior = vmt.prior.distribution()
+    x_prev, last, scored, windows, sampled_only = x0, -1, 0, 0, 0
+
+    def rows_of(y: torch.Tensor) -> torch.Tensor:
+        return y.expand(samples) if categorical else y.expand(samples, -1)
+
+    def score(x, y, latent_lp, guide_lp):
+        nonlocal log_lik, log_latent, log_guide
+        log_lik += vmt.emission.log_prob(x, rows_of(y))
+        log_latent += latent_lp
+        log_guide += guide_lp
+
+    pos = 0
+    if config.jump:
+        first = tokens[: min(w, n)]
+        m = first.shape[0]
+        fwd = (jump_features or flipped(feature_fn))(first[None], torch.tensor([m]))
+        # h_m summarises y_1 .. y_m; the reverse guide reads the reversed window, whose first
+        # position is y_m with m tokens ahead
+        ctx = reverse_net.context(fwd[:, -1:], torch.tensor([[m]]))[0, 0]
+        loc, scale, combined = reverse_net.first_params(ctx.expand(samples, -1))
+        x_prev = _gaussian(reverse_net, loc, scale, combined).sample()
+        last, windows, pos = m - 1, 1, m
+        if path is not None:
+            path[:, last] = x_prev
+    while pos < n:
+        window = tokens[pos : pos + w]
+        ctx = _window_context(net, feature_fn, window)
+        step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per window
+        windows += 1
+        final = pos + w >= n
+        advance = window.shape[0] if final else w // 2
+        # positions to sample inside [pos, pos + advance); a skip read ends exactly at n - 1
+        while True:
+            k = pos if x_prev is None else last + t
+            if final and x_prev is not None and last < n - 1 < k:
+                k = n - 1
+            if k >= pos + advance:
+                break
+            if x_prev is None:
+                loc, scale, combined = net.first_params(ctx[k - pos].expand(samples, -1))
+                q = _gaussian(net, loc, scale, combined)
+                x = q.sample()
+                if config.score:
+                    score(x, tokens[k], prior.log_prob(x), q.log_prob(x))
+                    scored += 1
+            else:
+                step = k - last
+                # the skip guide conditions on h at the position after the previous state
+                # (the start of this window when that position lies in an earlier one)
+                h_pos = max(last + 1 - pos, 0)
+                if step == t:
+                    skip_ctx = step_ctx[h_pos].expand(samples, -1)
+                else:
+                    skip_ctx = net.skip_context(ctx[h_pos].expand(samples, -1), step)
+                loc, scale, combined = net.step_params(x_prev, skip_ctx)
+                q = _gaussian(net, loc, scale, combined)
+                x = q.sample()
+                if step > 1:
+                    sampled_only += 1
+                    if config.score:
+                        # no closed-form t-step transition density: only the emission is scored
+                        log_lik += vmt.emission.log_prob(x, rows_of(tokens[k]))
+                elif config.score:
+                    score(x, tokens[k], _transition(transition, x_prev).log_prob(x), q.log_prob(x))
+                    scored += 1
+            if path is not None:
+                path[:, k] = x
+            x_prev, last = x, k
+        pos += advance
+    return ReadResult(
+        state=x_prev, position=last, tokens_read=n, log_lik=log_lik, log_latent=log_latent,
+        log_guide=log_guide, scored=scored, path=path, windows=windows,
+        skipped_to=sampled_only,
+    )
+
+
+def continuation_cost(
+    vmt,
+    result: ReadResult,
+    tail: torch.Tensor,
+    feature_fn: FeatureFn | None = None,
+    window: int = 256,
+) -> float:
+    """Negative ELBO per token of ``tail`` read step by step from ``result.state``.
+
+    This is how the accelerations are priced: a state reached by skipping or jumping is
+    worth as much as the ELBO of what follows it.
+    """
+    follow = read(vmt, tail, ReadConfig(window=window), feature_fn,
+                  samples=result.state.shape[0], x0=result.state)
+    return follow.neg_elbo_per_token()
