@@ -243,9 +243,9 @@ def plot_training_curve(history: list[dict], path: Path, test: EvalResult | None
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [-h["elbo_per_token"] for h in history], label="training −ELBO / token")
+    ax.plot(steps, [-h["elbo_per_token"] for h in history], label="training −ELBO / token (compact vocabulary)")
     if test is not None:
-        ax.axhline(test.neg_elbo_per_token, color="C1", ls="--", label="held-out −ELBO / token")
+        ax.axhline(test.neg_elbo_per_token, color="C1", ls="--", label="held-out −ELBO / token (full vocabulary)")
         ax.axhline(test.iwae_per_token, color="C2", ls=":", label=f"held-out IWAE-{test.particles} / token")
     ax.set_xlabel("SVI step")
     ax.set_ylabel("nats per token")

@@ -91,8 +91,8 @@ def run(quick: bool, figure_dir: Path, data: str | None = None) -> BenchResult:
         datasets["JSB (standard split)"] = load_jsb_chorales(path)
     m21 = music21_chorales(max_pieces=60 if quick else None)
     datasets["music21 chorales"] = m21
-    steps = 60 if quick else 1500
-    particles = 4 if quick else 32
+    steps = 60 if quick else 600
+    particles = 4 if quick else 16
     rows, curves, metrics = compare(datasets, steps, particles, quick)
 
     import matplotlib

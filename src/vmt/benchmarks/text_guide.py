@@ -16,7 +16,7 @@ from pathlib import Path
 from vmt.benchmarks.report import BenchResult, markdown_table
 
 NAME = "text-guide"
-SUMMARY = "held-out -ELBO/token on pydoc: SmolLM2-feature guide vs a GRU guide from scratch"
+SUMMARY = "held-out -ELBO/token on pydoc: SmolLM2-feature guide vs GRU and folded guides from scratch"
 
 READERS = {
     "SmolLM2 features (frozen, layer 12)": {"kind": "lm", "layer": 12, "window": 128, "overlap": True},
