@@ -1,0 +1,44 @@
+"""The command line end to end at toy sizes: fit, evaluate (from the checkpoint alone), bench."""
+
+import json
+
+import pytest
+
+from vmt.cli import main
+
+
+@pytest.mark.lm
+@pytest.mark.integration
+def test_fit_then_evaluate_from_the_checkpoint(tmp_path, capsys):
+    model = tmp_path / "tiny.json"
+    model.write_text(json.dumps({
+        "encoder": {"kind": "gru", "hidden": 16, "window": 32},
+        "vocab_max_size": 200,
+        "vmt": {"state_dim": 4, "prior_components": 2, "transition_hidden": 16, "guide_hidden": 16},
+    }))
+    schedule = tmp_path / "tiny-schedule.json"
+    schedule.write_text(json.dumps({
+        "max_train_tokens": 600, "max_test_tokens": 150, "eval_window": 32, "eval_particles": 2,
+        "train": {"steps": 6, "batch_size": 2, "max_length": 8, "budget": 64, "log_every": 2,
+                  "checkpoint_every": 3},
+    }))
+    out = tmp_path / "run"
+    assert main(["fit", "--model", str(model), "--schedule", str(schedule), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "negative ELBO" in printed and "IWAE-2" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 6 and (out / "training_curve.png").stat().st_size > 0
+    assert main(["evaluate", str(out), "--particles", "2"]) == 0
+    assert "nats/token" in capsys.readouterr().out
+
+
+def test_bad_config_name_is_a_clear_error(capsys, caplog):
+    assert main(["fit", "--model", "no-such-preset"]) == 2
+    assert "no models configuration 'no-such-preset'" in caplog.text
+
+
+def test_bench_list_names_every_benchmark(capsys):
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("svi-speed", "suffix-parallel", "chorales", "text-guide"):
+        assert name in out
