@@ -87,7 +87,7 @@ def _report(result) -> None:
     )
 
 
-def _run(args: argparse.Namespace, model: str, schedule: str, out: str) -> int:
+def _run(args: argparse.Namespace, model: str, schedule: str, out: str):
     from vmt import experiment
 
     experiment.set_threads()
@@ -107,15 +107,26 @@ def _run(args: argparse.Namespace, model: str, schedule: str, out: str) -> int:
         texts, name = read_text_files(args.text), "user-text"
     result = experiment.run_text(preset, sched, out, texts, name, resume=not getattr(args, "restart", False))
     _report(result)
-    return 0
+    return result
 
 
 def _fit(args: argparse.Namespace) -> int:
-    return _run(args, args.model, args.schedule, args.out)
+    _run(args, args.model, args.schedule, args.out)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return _run(args, "text-smollm2", "demo", args.out)
+    from vmt import experiment
+
+    result = _run(args, "text-smollm2", "demo", args.out)
+    usage = experiment.demo_usage(result, args.out)
+    sys.stdout.write(
+        f"read a held-out document of {usage.tokens_read} tokens in {usage.windows} windows "
+        f"(state carried): {usage.neg_elbo_per_token:.4f} nats/token (single-sample -ELBO, "
+        f"compact vocabulary)\ncontinuation: {usage.continuation!r}\n"
+        f"posterior state trajectory: {usage.trajectory_plot}\n"
+    )
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

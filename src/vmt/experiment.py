@@ -116,6 +116,20 @@ class RunResult:
     test: EvalResult
     checkpoint: Path | None
     curve: Path | None
+    model: object = None
+    text_run: TextRun | None = None
+    vocabulary: object = None
+
+
+@dataclass
+class DemoUsage:
+    """What :func:`demo_usage` read, wrote and plotted."""
+
+    tokens_read: int
+    windows: int
+    neg_elbo_per_token: float
+    continuation: str
+    trajectory_plot: Path
 
 
 class TextRun:
@@ -202,7 +216,57 @@ def run_text(preset: ModelPreset, schedule: Schedule, out_dir: str | Path, texts
         "steps": result.steps, "stopped": result.stopped,
         "test": asdict(test), "test_perplexity_bound": test.perplexity_bound,
     }, indent=1))
-    return RunResult(result, test, result.checkpoint, curve)
+    return RunResult(result, test, result.checkpoint, curve, vmt, run, vocab)
+
+
+def reading_features(run: TextRun, vocab):
+    """A feature function for :func:`vmt.inference.reading.read` over emission ids.
+
+    With a frozen LM the window is mapped back to LM ids (``<unk>`` is shown to the LM as the
+    tokenizer's unknown/end token, since the merged id is not kept) and read in reverse; with
+    a trainable reader ``None`` (the VMT's own reader is used).
+    """
+    enc = run.preset.encoder
+    if enc.kind != "lm":
+        return None, None
+    from vmt.encoders.features import LMFeatureExtractor
+
+    extractor = LMFeatureExtractor(run.lm, layer=enc.layer, direction="reverse", model_name=enc.name)
+    tok = run.tokenizer
+    unk = tok.unk_token_id if tok.unk_token_id is not None else tok.eos_token_id
+
+    def features(inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return extractor(vocab.decode(inputs, unk_id=unk), lengths)
+
+    return features, unk
+
+
+def demo_usage(result: RunResult, out_dir: str | Path, max_read: int = 1024,
+               continuation: int = 40, seed: int = 0) -> DemoUsage:
+    """Use a fitted text VMT: read the longest held-out document (longer than one window)
+    with the state carried across windows, write a continuation from the last state, and
+    plot the posterior state trajectory of its opening."""
+    from vmt.inference.generation import SamplingConfig, write
+    from vmt.inference.posterior import plot_trajectories, posterior_states
+    from vmt.inference.reading import ReadConfig, read
+
+    run, vocab, vmt = result.text_run, result.vocabulary, result.model
+    feature_fn, unk = reading_features(run, vocab)
+    unk = 0 if unk is None else unk
+    doc = max(run.test_corpus.documents, key=len)[:max_read]
+    ids = vocab.encode(doc)
+    window = run.preset.encoder.window
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        res = read(vmt, ids, ReadConfig(window=window), feature_fn, samples=1)
+        written = write(vmt, res.state, continuation, SamplingConfig(temperature=0.8, top_p=0.9))
+    text = run.tokenizer.decode(vocab.decode(written.tokens[0], unk_id=unk).tolist())
+    opening = doc[:48]
+    labels = [run.tokenizer.decode([int(t)]) for t in opening]
+    tree = posterior_states(vmt, ids[:48], chains=2, draws=50, window=window,
+                            feature_fn=feature_fn, labels=labels, seed=seed)
+    plot = plot_trajectories(tree, Path(out_dir) / "posterior_trajectory.png", states=[0, 1, 2])
+    return DemoUsage(len(ids), res.windows, res.neg_elbo_per_token(), text, Path(plot))
 
 
 def evaluate_text(vmt, run: TextRun, vocab) -> EvalResult:
