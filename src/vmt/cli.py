@@ -119,12 +119,16 @@ def _demo(args: argparse.Namespace) -> int:
     from vmt import experiment
 
     result = _run(args, "text-smollm2", "demo", args.out)
+    steps = result.text_run.schedule.reverse_steps
+    if steps > 0 and result.model.config.reverse:
+        experiment.fit_reverse(result, args.out, steps)
     usage = experiment.demo_usage(result, args.out)
     sys.stdout.write(
         f"read a held-out document of {usage.tokens_read} tokens in {usage.windows} windows "
         f"(state carried): {usage.neg_elbo_per_token:.4f} nats/token (single-sample -ELBO, "
         f"compact vocabulary)\ncontinuation: {usage.continuation!r}\n"
-        f"posterior state trajectory: {usage.trajectory_plot}\n"
+        + (f"prequel (written in reverse, shown in reading order): {usage.prequel!r}\n" if usage.prequel is not None else "")
+        + f"posterior state trajectory: {usage.trajectory_plot}\n"
     )
     return 0
 

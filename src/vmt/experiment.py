@@ -101,6 +101,7 @@ class Schedule:
     split_seed: int = 0
     eval_window: int = 128
     eval_particles: int = 8
+    reverse_steps: int = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> Schedule:
@@ -130,6 +131,7 @@ class DemoUsage:
     neg_elbo_per_token: float
     continuation: str
     trajectory_plot: Path
+    prequel: str | None = None
 
 
 class TextRun:
@@ -241,11 +243,49 @@ def reading_features(run: TextRun, vocab):
     return features, unk
 
 
+def fit_reverse(result: RunResult, out_dir: str | Path, steps: int, progress: bool = True) -> TrainResult:
+    """Train the reverse parts (``p_r``, ``q_r``) of a fitted text VMT, sharing (and freezing)
+    its prior, emission and reader; the reverse guide reads *forward* LM features.
+
+    Saves ``out_dir/checkpoint-with-reverse`` (the forward checkpoint is left as it was).
+    """
+    from dataclasses import replace
+
+    from vmt.checkpoint import read_meta, save_checkpoint
+    from vmt.inference.reverse import freeze_shared_parts, reverse_documents, reverse_feature_lookup
+
+    run, vocab, vmt = result.text_run, result.vocabulary, result.model
+    enc = run.preset.encoder
+    lookup = None
+    if enc.kind == "lm":
+        from vmt.encoders.cache import FeatureCache
+        from vmt.encoders.features import LMFeatureExtractor
+
+        forward = LMFeatureExtractor(run.lm, layer=enc.layer, direction="forward", model_name=enc.name)
+        cache = FeatureCache.build(forward, run.train_corpus, window=enc.window, overlap=enc.overlap,
+                                   progress=progress)
+        lookup = reverse_feature_lookup(cache.__getitem__)
+    # (with a trainable reader, the shared reverse reader run over reversed documents is
+    # already a forward reading of the original text)
+    docs = reverse_documents([vocab.encode(d) for d in run.train_corpus.documents])
+    freeze_shared_parts(vmt)
+    config = replace(run.schedule.train, direction="reverse", steps=steps, checkpoint_every=max(steps, 1))
+    trained = fit(vmt, docs, config, lookup, progress=progress)
+    if not trained.ok:
+        raise RuntimeError(f"reverse training stopped: {trained.stopped}")
+    meta = read_meta(result.checkpoint) if result.checkpoint else {}
+    meta = {k: v for k, v in meta.items() if k not in ("format_version", "vmt_config", "reader", "optimizer")}
+    meta["reverse_train_config"] = asdict(config)
+    save_checkpoint(Path(out_dir) / "checkpoint-with-reverse", vmt, meta=meta)
+    return trained
+
+
 def demo_usage(result: RunResult, out_dir: str | Path, max_read: int = 1024,
                continuation: int = 40, seed: int = 0) -> DemoUsage:
     """Use a fitted text VMT: read the longest held-out document (longer than one window)
-    with the state carried across windows, write a continuation from the last state, and
-    plot the posterior state trajectory of its opening."""
+    with the state carried across windows, write a continuation from the last state, write a
+    prequel from the state of its first token (if the reverse parts were trained), and plot
+    the posterior state trajectory of its opening."""
     from vmt.inference.generation import SamplingConfig, write
     from vmt.inference.posterior import plot_trajectories, posterior_states
     from vmt.inference.reading import ReadConfig, read
@@ -258,15 +298,26 @@ def demo_usage(result: RunResult, out_dir: str | Path, max_read: int = 1024,
     window = run.preset.encoder.window
     torch.manual_seed(seed)
     with torch.no_grad():
-        res = read(vmt, ids, ReadConfig(window=window), feature_fn, samples=1)
-        written = write(vmt, res.state, continuation, SamplingConfig(temperature=0.8, top_p=0.9))
-    text = run.tokenizer.decode(vocab.decode(written.tokens[0], unk_id=unk).tolist())
+        res = read(vmt, ids, ReadConfig(window=window, keep_path=True), feature_fn, samples=1)
+        sampling = SamplingConfig(temperature=0.8, top_p=0.9)
+        written = write(vmt, res.state, continuation, sampling)
+        before = None
+        if vmt.config.reverse and run.schedule.reverse_steps > 0:
+            from vmt.inference.generation import write_prequel
+
+            before = write_prequel(vmt, res.path[:, 0], continuation, sampling)
+
+    def decode(tokens: torch.Tensor) -> str:
+        return run.tokenizer.decode(vocab.decode(tokens, unk_id=unk).tolist())
+
+    text = decode(written.tokens[0])
+    prequel = decode(before.tokens[0]) if before is not None else None
     opening = doc[:48]
     labels = [run.tokenizer.decode([int(t)]) for t in opening]
     tree = posterior_states(vmt, ids[:48], chains=2, draws=50, window=window,
                             feature_fn=feature_fn, labels=labels, seed=seed)
     plot = plot_trajectories(tree, Path(out_dir) / "posterior_trajectory.png", states=[0, 1, 2])
-    return DemoUsage(len(ids), res.windows, res.neg_elbo_per_token(), text, Path(plot))
+    return DemoUsage(len(ids), res.windows, res.neg_elbo_per_token(), text, Path(plot), prequel)
 
 
 def evaluate_text(vmt, run: TextRun, vocab) -> EvalResult:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from vmt.cli import main
 
@@ -47,18 +48,29 @@ def test_bench_list_names_every_benchmark(capsys):
 @pytest.mark.lm
 @pytest.mark.integration
 def test_demo_usage_reads_beyond_one_window_writes_and_plots(tmp_path):
-    from vmt.experiment import ModelPreset, Schedule, demo_usage, run_text
+    from vmt.experiment import ModelPreset, Schedule, demo_usage, fit_reverse, run_text
     from vmt.inference.train import TrainConfig
 
     preset = ModelPreset.from_dict({
         "encoder": {"kind": "lm", "layer": 2, "window": 32},
         "vocab_max_size": 300,
-        "vmt": {"state_dim": 4, "prior_components": 2, "transition_hidden": 16, "guide_hidden": 16},
+        "vmt": {"state_dim": 4, "prior_components": 2, "transition_hidden": 16, "guide_hidden": 16,
+                "reverse": True},
     })
     schedule = Schedule(train=TrainConfig(steps=4, batch_size=2, max_length=8, budget=64, log_every=2),
-                        max_train_tokens=800, max_test_tokens=200, eval_window=32, eval_particles=2)
+                        max_train_tokens=800, max_test_tokens=200, eval_window=32, eval_particles=2,
+                        reverse_steps=3)
     result = run_text(preset, schedule, tmp_path, progress=False)
+    shared = {k: v.clone() for k, v in result.model.emission.state_dict().items()}
+    reverse_before = {k: v.clone() for k, v in result.model.reverse_transition.state_dict().items()}
+    fit_reverse(result, tmp_path, steps=3, progress=False)
+    # the reverse parts trained, the shared emission did not
+    assert all(torch.equal(v, result.model.emission.state_dict()[k]) for k, v in shared.items())
+    assert any(not torch.equal(v, result.model.reverse_transition.state_dict()[k])
+               for k, v in reverse_before.items())
+    assert (tmp_path / "checkpoint-with-reverse" / "model.safetensors").is_file()
     usage = demo_usage(result, tmp_path, continuation=5)
+    assert isinstance(usage.prequel, str)
     assert usage.tokens_read > 32 and usage.windows >= 2  # longer than one window
     assert usage.neg_elbo_per_token > 0 and isinstance(usage.continuation, str)
     assert usage.trajectory_plot.stat().st_size > 0
