@@ -10,21 +10,12 @@ import torch
 
 from vmt.encoders.readers import GRUReader
 from vmt.inference.elbo import elbo_terms
-from vmt.inference.kalman import LinearGaussianSSM, kalman_smoother
+from vmt.inference.kalman import example_ssm, kalman_smoother
 from vmt.models import ChainBatch
 from vmt.models.oracles import linear_gaussian_vmt
 
 STEPS = 16
 
-
-def true_ssm():
-    return LinearGaussianSSM(
-        m0=torch.zeros(2), P0=torch.eye(2),
-        A=torch.tensor([[0.9, 0.2], [-0.2, 0.8]]), b=torch.tensor([0.1, 0.0]),
-        Q=torch.diag(torch.tensor([0.3, 0.2])),
-        C=torch.tensor([[1.0, 0.5], [0.0, 1.0]]), d=torch.zeros(2),
-        R=torch.diag(torch.tensor([0.5, 0.4])),
-    )
 
 
 def batch_of(y):
@@ -43,7 +34,7 @@ def gap_per_step(vmt, ssm, y):
 
 
 def test_untrained_elbo_stays_below_exact_loglik():
-    ssm = true_ssm()
+    ssm = example_ssm()
     vmt = linear_gaussian_vmt(ssm, GRUReader("features", 16, feature_dim=2), feature_dim=16,
                               guide_hidden=16, max_window=STEPS)
     _, y = ssm.simulate(STEPS, 512, torch.Generator().manual_seed(0))
@@ -54,7 +45,7 @@ def test_untrained_elbo_stays_below_exact_loglik():
 
 @pytest.mark.integration
 def test_trained_guide_closes_the_gap_and_matches_the_smoother():
-    ssm = true_ssm()
+    ssm = example_ssm()
     vmt = linear_gaussian_vmt(ssm, GRUReader("features", 32, feature_dim=2), feature_dim=32,
                               guide_hidden=32, max_window=STEPS)
     params = [p for p in vmt.parameters() if p.requires_grad]

@@ -7,7 +7,7 @@ import torch
 
 from vmt.encoders.readers import GRUReader
 from vmt.inference.elbo import elbo_terms
-from vmt.inference.kalman import LinearGaussianSSM, kalman_smoother
+from vmt.inference.kalman import example_ssm, kalman_smoother
 from vmt.inference.posterior import (
     mean_sd,
     plot_predictive,
@@ -68,20 +68,11 @@ def test_export_round_trips_dims_coords_and_shapes(tmp_path):
 STEPS = 16
 
 
-def true_ssm():
-    return LinearGaussianSSM(
-        m0=torch.zeros(2), P0=torch.eye(2),
-        A=torch.tensor([[0.9, 0.2], [-0.2, 0.8]]), b=torch.tensor([0.1, 0.0]),
-        Q=torch.diag(torch.tensor([0.3, 0.2])),
-        C=torch.tensor([[1.0, 0.5], [0.0, 1.0]]), d=torch.zeros(2),
-        R=torch.diag(torch.tensor([0.5, 0.4])),
-    )
-
 
 @pytest.mark.integration
 def test_exported_moments_match_the_kalman_smoother():
     torch.set_num_threads(1)
-    ssm = true_ssm()
+    ssm = example_ssm()
     vmt = linear_gaussian_vmt(ssm, GRUReader("features", 32, feature_dim=2), feature_dim=32,
                               guide_hidden=32, max_window=STEPS)
     params = [p for p in vmt.parameters() if p.requires_grad]

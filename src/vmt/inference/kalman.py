@@ -83,3 +83,21 @@ def kalman_smoother(ssm: LinearGaussianSSM, y: torch.Tensor) -> SmootherResult:
         s_means.insert(0, m)
         s_covs.insert(0, c)
     return SmootherResult(loglik, torch.stack(s_means, 1), torch.stack(s_covs, 1))
+
+
+def example_ssm(dtype: torch.dtype = torch.float32) -> LinearGaussianSSM:
+    """A small, stable 2-D linear-Gaussian model with diagonal noises (rotation-like dynamics).
+
+    Fits :func:`vmt.models.oracles.linear_gaussian_vmt`; used by the oracle tests and examples.
+    """
+
+    def t(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype)
+
+    return LinearGaussianSSM(
+        m0=t([0.0, 0.0]), P0=torch.eye(2, dtype=dtype),
+        A=t([[0.9, 0.2], [-0.2, 0.8]]), b=t([0.1, 0.0]),
+        Q=torch.diag(t([0.3, 0.2])),
+        C=t([[1.0, 0.5], [0.0, 1.0]]), d=t([0.0, 0.0]),
+        R=torch.diag(t([0.5, 0.4])),
+    )
