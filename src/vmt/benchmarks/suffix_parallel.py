@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vmt.benchmarks.report import BenchResult, markdown_table
-from vmt.benchmarks.timing import interleaved_medians
+from vmt.benchmarks.timing import interleaved_medians, measure_lengths
 from vmt.inference.elbo import elbo_terms
 from vmt.inference.subsequences import one_row_per_suffix, suffix_parallel_batch
 from vmt.models import ChainBatch, VariationalMarkovTransformer, VMTConfig
@@ -236,15 +236,7 @@ def measure(
 ) -> dict[int, LengthResult]:
     """Measure every length; ``repeats`` is one count or one per length."""
     setup = SuffixSetup() if setup is None else setup
-    counts = [repeats] * len(lengths) if isinstance(repeats, int) else list(repeats)
-    if len(counts) != len(lengths):
-        raise ValueError(f"{len(lengths)} lengths but {len(counts)} repeat counts")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(setup.threads)
-    try:
-        return {L: measure_length(setup, L, r) for L, r in zip(lengths, counts, strict=True)}
-    finally:
-        torch.set_num_threads(previous)
+    return measure_lengths(measure_length, setup, lengths, repeats)
 
 
 def metrics_of(results: dict[int, LengthResult]) -> dict[str, float]:
