@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from vmt.data.corpus import tokenizer_name, tokenizer_vocab_size
-from vmt.models.batch import ChainBatch
+from vmt.models.batch import ChainBatch, sampled_batch
 
 logger = logging.getLogger(__name__)
 
@@ -469,15 +469,4 @@ class MemmapSampler:
                 else:
                     f = self.features(d)[0][a : a + take]
                 feats.append(f)
-        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-        steps = int(lengths.max())
-        obs = torch.zeros(batch_size, steps, dtype=torch.int64)
-        for i, s in enumerate(seqs):
-            obs[i, : len(s)] = s
-        batch = ChainBatch(obs=obs, start=torch.zeros_like(lengths), end=lengths)
-        if self.features is not None:
-            f = feats[0].new_zeros(batch_size, steps, feats[0].shape[-1])
-            for i, fi in enumerate(feats):
-                f[i, : len(fi)] = fi
-            return batch.with_(features=f)
-        return batch.with_(reader_input=obs, reader_lengths=lengths)
+        return sampled_batch(seqs, feats if self.features is not None else None)

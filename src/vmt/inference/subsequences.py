@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vmt.models.batch import ChainBatch
+from vmt.models.batch import ChainBatch, sampled_batch
 
 FeatureLookup = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -151,15 +151,4 @@ class SubsequenceSampler:
             if self.features is not None:
                 f, _ = self.features(d)
                 feats.append(f[a : a + take])
-        lengths = torch.tensor([len(s) for s in seqs])
-        steps = int(lengths.max())
-        obs = seqs[0].new_zeros((batch_size, steps) + tuple(seqs[0].shape[1:]))
-        for i, s in enumerate(seqs):
-            obs[i, : len(s)] = s
-        batch = ChainBatch(obs=obs, start=torch.zeros_like(lengths), end=lengths)
-        if self.features is not None:
-            f = feats[0].new_zeros(batch_size, steps, feats[0].shape[-1])
-            for i, fi in enumerate(feats):
-                f[i, : len(fi)] = fi
-            return batch.with_(features=f)
-        return batch.with_(reader_input=obs, reader_lengths=lengths)
+        return sampled_batch(seqs, feats if self.features is not None else None)

@@ -156,3 +156,12 @@ def sequences_to_batch(
                 raise ValueError(f"sequence {i} has {len(sequences[i])} steps but {len(f)} feature rows")
             feats[i, : len(f)] = f
     return ChainBatch(obs=obs, start=torch.zeros_like(lengths), end=lengths, features=feats)
+
+
+def sampled_batch(sequences: list[torch.Tensor], features: list[torch.Tensor] | None) -> ChainBatch:
+    """A batch of sampled sequences for training: with ``features`` (a frozen encoder's) they
+    are the guide's input; without, the observations are the trainable reader's input."""
+    batch = sequences_to_batch(sequences, features)
+    if features is not None:
+        return batch
+    return batch.with_(reader_input=batch.obs, reader_lengths=batch.end)
