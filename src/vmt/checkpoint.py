@@ -129,6 +129,17 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def read_meta_for(path: str | Path, config: VMTConfig) -> dict:
+    """:func:`read_meta`, refusing a checkpoint written for another model config (resume)."""
+    meta = read_meta(path)
+    if meta["vmt_config"] != config.to_dict():
+        raise ValueError(
+            f"checkpoint {path} was written for a different model config; "
+            "use another checkpoint folder or the same config"
+        )
+    return meta
+
+
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint file missing: {file}")

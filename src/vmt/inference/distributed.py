@@ -35,13 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from vmt.checkpoint import (
-    _load_tensors,
-    _unflatten_optimizer,
-    load_state_into,
-    read_meta,
-    save_checkpoint,
-)
+from vmt.checkpoint import load_checkpoint, load_state_into, read_meta_for, save_checkpoint
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import Curriculum, SubsequenceSampler, suffix_parallel_batch
 from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult
@@ -269,19 +263,13 @@ class DistributedTrainer:
         """Continue from ``checkpoint_dir`` (any rank count may have written it)."""
         if self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.json").exists():
             return False
-        meta = read_meta(self.checkpoint_dir)
-        if meta["vmt_config"] != self.vmt.config.to_dict():
-            raise ValueError(
-                f"checkpoint {self.checkpoint_dir} was written for a different model config; "
-                "use another checkpoint folder or the same config"
-            )
-        # read the tensors as stored (rebuilding the model would cast them to float32)
-        state = _load_tensors(self.checkpoint_dir / "model.safetensors")
-        state = {k: v.to(self.device) for k, v in state.items()}
+        meta = read_meta_for(self.checkpoint_dir, self.vmt.config)
+        # the tensors as stored (rebuilding the model would cast them to float32)
+        ckpt = load_checkpoint(self.checkpoint_dir, build_model=False)
+        state = {k: v.to(self.device) for k, v in ckpt.model_state.items()}
         load_state_into(self.vmt, state, f"checkpoint {self.checkpoint_dir}")
-        if "optimizer" in meta:
-            tensors = _load_tensors(self.checkpoint_dir / "optimizer.safetensors")
-            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        if ckpt.optimizer_state is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
         logger.info(

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from vmt.checkpoint import load_state_into, read_meta, save_checkpoint
+from vmt.checkpoint import load_state_into, read_meta_for, save_checkpoint
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import (
     Curriculum,
@@ -188,12 +188,7 @@ class Trainer:
             return False
         from vmt.checkpoint import load_checkpoint
 
-        meta = read_meta(self.checkpoint_dir)
-        if meta["vmt_config"] != self.vmt.config.to_dict():
-            raise ValueError(
-                f"checkpoint {self.checkpoint_dir} was written for a different model config; "
-                "use another checkpoint folder or the same config"
-            )
+        meta = read_meta_for(self.checkpoint_dir, self.vmt.config)
         ckpt = load_checkpoint(self.checkpoint_dir, reader=self.vmt.reader, build_model=False)
         load_state_into(self.vmt, ckpt.model_state, f"checkpoint {self.checkpoint_dir}")
         if ckpt.optimizer_state is not None:
