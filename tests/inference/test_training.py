@@ -108,3 +108,78 @@ def test_interrupt_saves_a_checkpoint(tmp_path, monkeypatch):
     result = trainer.fit(progress=False)
     assert result.stopped == "interrupted" and result.steps == 6
     assert load_checkpoint(tmp_path / "ck").meta["step"] == 6
+
+
+# -- devices and dtypes: tensors follow the model (float64 here), never a hard-coded default ---
+def test_attach_carried_keeps_the_dtype_and_device_of_the_carried_states():
+    from vmt.inference.windows import DocumentStreams, attach_carried
+
+    docs = periodic_documents(n=3)
+    windows = iter(DocumentStreams(docs, 3, 8))
+    first = next(windows)
+    assert attach_carried(first, {}, 4).x0 is None  # nothing continues yet
+    second = next(windows)
+    carried = {d: torch.randn(4, dtype=torch.float64) * 1e-3 + 1 / 3 for d in second.documents}
+    batch = attach_carried(second, carried, 4)
+    assert batch.x0.dtype == torch.float64 and batch.x0.device == carried[0].device
+    for r, d in enumerate(second.documents):
+        # exact: a float32 buffer would round 1/3 + noise in the 8th digit
+        assert torch.equal(batch.x0[r], carried[d])
+    with pytest.raises(RuntimeError, match="no state was carried"):
+        attach_carried(second, {second.documents[0]: carried[second.documents[0]]}, 4)
+    with pytest.raises(ValueError, match=r"carried states must be \(4,\)"):
+        attach_carried(second, {d: torch.zeros(3, dtype=torch.float64) for d in carried}, 4)
+
+
+def test_evaluate_carries_float64_states_of_a_float64_model_exactly(monkeypatch):
+    import vmt.inference.evaluate as evaluation
+
+    vmt = small_vmt().double()
+    seen = []
+    original = evaluation.elbo_terms
+
+    def spy(model, batch, *args, **kwargs):
+        terms = original(model, batch, *args, **kwargs)
+        seen.append((batch, terms.x.detach().clone()))
+        return terms
+
+    monkeypatch.setattr(evaluation, "elbo_terms", spy)
+    particles = 3
+    result = evaluation.evaluate(vmt, periodic_documents(n=2), window=8, particles=particles,
+                                 streams=2)
+    assert math.isfinite(result.neg_elbo_per_token) and math.isfinite(result.iwae_per_token)
+    assert len(seen) >= 3  # documents of 20-40 tokens in windows of 8: states are carried
+    compared = 0
+    for (before, x_before), (batch, x) in zip(seen, seen[1:], strict=False):
+        assert x.dtype == torch.float64
+        assert batch.x0 is not None and batch.x0.dtype == torch.float64
+        # every particle continues from its own last state of the previous window, bit for bit
+        # (both windows hold the same documents in the same rows while none has ended)
+        rows = before.num_rows
+        if batch.num_rows == rows:
+            assert torch.equal(batch.x0, x_before[:, -1])
+            compared += 1
+    assert compared >= 2
+    # the IWAE bound is at least as tight as the ELBO from the same particles (float64 sums)
+    assert result.iwae_per_token <= result.neg_elbo_per_token + 1e-12
+
+
+def test_windows_training_of_a_float64_model_stays_float64(monkeypatch):
+    import vmt.inference.train as training
+
+    vmt = small_vmt().double()
+    dtypes = []
+    original = training.elbo_terms
+
+    def spy(model, batch, *args, **kwargs):
+        terms = original(model, batch, *args, **kwargs)
+        dtypes.append((None if batch.x0 is None else batch.x0.dtype, terms.x.dtype))
+        return terms
+
+    monkeypatch.setattr(training, "elbo_terms", spy)
+    config = TrainConfig(regime="windows", steps=4, batch_size=2, window=8, log_every=1)
+    result = fit(vmt, periodic_documents(n=2), config, progress=False)
+    assert result.ok and all(math.isfinite(h["loss"]) for h in result.history)
+    assert dtypes[0][0] is None  # the first window starts every document afresh
+    assert all(d == (torch.float64, torch.float64) for d in dtypes[1:])
+    assert all(p.dtype == torch.float64 for p in vmt.parameters())

@@ -21,7 +21,7 @@ import torch
 
 from vmt.inference.elbo import elbo_terms
 from vmt.inference.subsequences import FeatureLookup
-from vmt.inference.windows import DocumentStreams
+from vmt.inference.windows import DocumentStreams, batch_to
 
 
 @dataclass(frozen=True)
@@ -62,25 +62,33 @@ def evaluate(
         token_penalty: optional ``(vocab,)`` nats added for each observed token id, e.g.
             ``log(#tokens merged into <unk>)`` so that a compact vocabulary still gives a
             bound over the full one.
+
+    Windows are moved to the device of the model's parameters; carried states and importance
+    weights keep the device and dtype of the model's sampled states.
     """
     if particles < 1:
         raise ValueError(f"particles must be >= 1, got {particles}")
     vmt.eval()
+    device = next(vmt.parameters()).device
     logw: dict[int, torch.Tensor] = {}
     carried: dict[int, torch.Tensor] = {}
     tokens = 0
     penalty = 0.0
     reader = DocumentStreams(documents, streams, window, features)
     for win in reader:
-        b = win.batch
+        if token_penalty is not None:
+            cpu = win.batch
+            ids = cpu.obs[cpu.mask()].to(token_penalty.device)
+            penalty += float(token_penalty[ids].sum())
+        b = batch_to(win.batch, device)
         rows = b.num_rows
-        idx = torch.arange(rows).repeat_interleave(particles)
+        idx = torch.arange(rows, device=device).repeat_interleave(particles)
         batch = b.with_(
             obs=b.obs[idx], start=b.start[idx], end=b.end[idx], source=idx,
             carried=b.carried[idx] if b.carried is not None else None,
         )
         if bool(batch.carried_rows().any()):
-            x0 = torch.zeros(rows * particles, vmt.config.state_dim)
+            x0 = next(iter(carried.values())).new_zeros(rows * particles, vmt.config.state_dim)
             for r, d in enumerate(win.documents):
                 if win.offsets[r] > 0:
                     x0[r * particles : (r + 1) * particles] = carried[d]
@@ -91,11 +99,9 @@ def evaluate(
         w = terms.elbo_per_row().view(rows, particles)
         last = terms.x[:, -1].view(rows, particles, -1)
         for r, d in enumerate(win.documents):
-            logw[d] = logw.get(d, torch.zeros(particles, dtype=w.dtype)) + w[r]
+            logw[d] = logw.get(d, w.new_zeros(particles)) + w[r]
             carried[d] = last[r]
         tokens += int(b.mask().sum())
-        if token_penalty is not None:
-            penalty += float(token_penalty[b.obs[b.mask()]].sum())
     elbo = sum(float(v.mean()) for v in logw.values())
     iwae = sum(float(torch.logsumexp(v, 0)) - math.log(particles) for v in logw.values())
     return EvalResult(

@@ -49,7 +49,7 @@ def reverse_feature_lookup(forward_features: FeatureLookup) -> FeatureLookup:
         if features.dim() != 2:
             raise ValueError(f"features of document {i} must be (time, feature), got {tuple(features.shape)}")
         steps = features.shape[0]
-        return features.flip(0), torch.arange(steps, 0, -1, dtype=torch.long)
+        return features.flip(0), torch.arange(steps, 0, -1, dtype=torch.long, device=features.device)
 
     return lookup
 
@@ -60,7 +60,7 @@ def features_lookup_from(features: Sequence[torch.Tensor]) -> Callable[[int], tu
 
     def lookup(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         f = feats[i]
-        return f, torch.arange(f.shape[0], 0, -1, dtype=torch.long)
+        return f, torch.arange(f.shape[0], 0, -1, dtype=torch.long, device=f.device)
 
     return lookup
 

@@ -70,15 +70,17 @@ class StateStore:
     Args:
         state_dim: dimension ``D`` of a state.
         config: :class:`StateMemoryConfig`.
+        device, dtype: where and how the keys are kept (those of the model's states).
     """
 
-    def __init__(self, state_dim: int, config: StateMemoryConfig | None = None):
+    def __init__(self, state_dim: int, config: StateMemoryConfig | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.config = config or StateMemoryConfig()
         c = self.config.capacity
-        self.keys = torch.zeros(c, state_dim)
-        self.strength = torch.zeros(c)
-        self.stored_at = torch.zeros(c, dtype=torch.long)
-        self.active = torch.zeros(c, dtype=torch.bool)
+        self.keys = torch.zeros(c, state_dim, device=device, dtype=dtype)
+        self.strength = torch.zeros(c, device=device, dtype=dtype)
+        self.stored_at = torch.zeros(c, dtype=torch.long, device=device)
+        self.active = torch.zeros(c, dtype=torch.bool, device=device)
 
     def __len__(self) -> int:
         return int(self.active.sum())
@@ -155,7 +157,8 @@ class MemoryReader:
                  sampling: SamplingConfig | None = None):
         self.vmt = vmt
         self.config = config or StateMemoryConfig()
-        self.store = StateStore(vmt.config.state_dim, self.config)
+        param = next(vmt.parameters())
+        self.store = StateStore(vmt.config.state_dim, self.config, param.device, param.dtype)
         self.feature_fn = feature_fn
         self.read_config = ReadConfig(window=window, score=False)
         self.sampling = sampling or SamplingConfig()

@@ -39,7 +39,7 @@ from vmt.inference.subsequences import (
     SubsequenceSampler,
     suffix_parallel_batch,
 )
-from vmt.inference.windows import DocumentStreams, attach_carried, carry_states
+from vmt.inference.windows import DocumentStreams, attach_carried, batch_to, carry_states
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class Trainer:
             "rng.torch": torch.get_rng_state(),
             "rng.sampler": self.generator.get_state(),
         }
-        tensors.update({f"carried.{d}": x for d, x in self.carried.items()})
+        tensors.update({f"carried.{d}": x.cpu() for d, x in self.carried.items()})
         meta = {
             **self.meta,
             "train_config": dataclasses.asdict(self.config),
@@ -222,6 +222,10 @@ class Trainer:
         self.window_index += 1
         return window
 
+    def _device(self) -> torch.device:
+        """Where the model's parameters live (batches are built on the CPU and moved there)."""
+        return next(self.vmt.parameters()).device
+
     def _skip(self) -> int | None:
         if self.config.max_skip < 2:
             return None
@@ -232,6 +236,7 @@ class Trainer:
         if c.regime == "subsequence":
             base = self.sampler.sample(c.batch_size, self.curriculum.length_at(self.step))
             batch = suffix_parallel_batch(base, c.budget, min(c.min_length, int(base.end.max()))) if c.suffix_parallel else base
+            batch = batch_to(batch, self._device())
             terms = elbo_terms(self.vmt, batch, c.direction)
             lengths = terms.tokens_per_row().to(terms.x.dtype)
             loss = -terms.elbo_per_row(annealing).mean() / lengths.mean()
@@ -239,6 +244,7 @@ class Trainer:
         else:
             window = self._next_window()
             batch = attach_carried(window, self.carried, self.vmt.config.state_dim)
+            batch = batch_to(batch, self._device())
             terms = elbo_terms(self.vmt, batch, c.direction)
             loss = -terms.elbo_per_row(annealing).sum() / terms.mask.sum()
         if c.aux_weight > 0:

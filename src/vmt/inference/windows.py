@@ -6,10 +6,16 @@ the nearest document end, so every row is aligned and no document is cut mid-win
 that continues its document starts from the carried ``x_0`` (``q(x_1 | x_0, .)``); a row whose
 document just began starts from ``q(x_1 | .)``. With ``overlap`` the guide also reads the
 next ``L`` tokens (half-window look-ahead) while the ELBO covers only the first ``L``.
+
+:class:`StreamCursor` keeps one reader's place in the streams across epochs (with the carried
+states); :func:`shard_order` gives each rank of a distributed run its disjoint share of the
+documents. Windows are built on the CPU; :func:`batch_to` moves a batch to the model's device
+and :func:`attach_carried` puts carried states on the device and in the dtype they have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +43,10 @@ class DocumentStreams:
         window: the largest window ``L``.
         features: optional lookup of cached features per document.
         overlap: give a trainable reader half a window of look-ahead beyond the window.
-        order: indices of documents in reading order (default: longest first).
+        order: indices of documents in reading order (default: longest first); documents
+            not named are not read.
+        lengths: the documents' lengths, if known without reading them (e.g. a memory-mapped
+            corpus's ``length_array``); default: ``len`` of each document.
     """
 
     def __init__(
@@ -48,19 +57,29 @@ class DocumentStreams:
         features: FeatureLookup | None = None,
         overlap: bool = False,
         order: Sequence[int] | None = None,
+        lengths: Sequence[int] | None = None,
     ):
         if streams < 1 or window < 1:
             raise ValueError(f"streams and window must be >= 1, got {streams}, {window}")
-        self.documents = list(documents)
-        if not self.documents:
+        # a Sequence (list, lazy memory-mapped view) is kept as is; anything else is listed
+        self.documents = documents if isinstance(documents, Sequence) else list(documents)
+        if not len(self.documents):
             raise ValueError("no documents to read")
+        if lengths is None:
+            self.lengths = [len(d) for d in self.documents]
+        else:
+            self.lengths = [int(n) for n in lengths]
+            if len(self.lengths) != len(self.documents):
+                raise ValueError(
+                    f"lengths has {len(self.lengths)} entries for {len(self.documents)} documents"
+                )
         self.streams = streams
         self.window = window
         self.features = features
         self.overlap = overlap
         if order is None:
-            order = sorted(range(len(self.documents)), key=lambda i: -len(self.documents[i]))
-        self.order = [i for i in order if len(self.documents[i]) > 0]
+            order = sorted(range(len(self.documents)), key=lambda i: -self.lengths[i])
+        self.order = [i for i in order if self.lengths[i] > 0]
 
     def __iter__(self) -> Iterator[Window]:
         queue = list(self.order)
@@ -68,12 +87,12 @@ class DocumentStreams:
         while queue or active:
             while len(active) < self.streams and queue:
                 active.append([queue.pop(0), 0])
-            remaining = [len(self.documents[d]) - o for d, o in active]
+            remaining = [self.lengths[d] - o for d, o in active]
             steps = min(self.window, min(remaining))
             yield self._window(active, steps)
             for entry in active:
                 entry[1] += steps
-            active = [e for e in active if e[1] < len(self.documents[e[0]])]
+            active = [e for e in active if e[1] < self.lengths[e[0]]]
 
     def _window(self, active: list[list[int]], steps: int) -> Window:
         docs = [d for d, _ in active]
@@ -114,15 +133,114 @@ def carry_states(window: Window, x: torch.Tensor, previous: dict[int, torch.Tens
 
 
 def attach_carried(window: Window, carried: dict[int, torch.Tensor], state_dim: int) -> ChainBatch:
-    """Put the carried states of continuing rows into the window's batch as ``x0``."""
+    """Put the carried states of continuing rows into the window's batch as ``x0``.
+
+    ``x0`` is ``(batch, state)`` on the device and in the dtype of the carried states (which
+    are the model's sampled states); the window's own tensors are not moved (see
+    :func:`batch_to`).
+    """
     batch = window.batch
     if not bool(batch.carried_rows().any()):
         return batch.with_(carried=None)
-    dtype = next(iter(carried.values())).dtype if carried else torch.float32
-    x0 = torch.zeros(batch.num_rows, state_dim, dtype=dtype)
-    for r, d in enumerate(window.documents):
-        if window.offsets[r] > 0:
-            if d not in carried:
-                raise RuntimeError(f"document {d} continues but no state was carried for it")
-            x0[r] = carried[d]
+    rows = [r for r in range(batch.num_rows) if window.offsets[r] > 0]
+    missing = [window.documents[r] for r in rows if window.documents[r] not in carried]
+    if missing:
+        raise RuntimeError(f"document {missing[0]} continues but no state was carried for it")
+    first = carried[window.documents[rows[0]]]
+    if first.shape != (state_dim,):
+        raise ValueError(f"carried states must be ({state_dim},), got {tuple(first.shape)}")
+    x0 = first.new_zeros(batch.num_rows, state_dim)
+    for r in rows:
+        x0[r] = carried[window.documents[r]]
     return batch.with_(x0=x0)
+
+
+def batch_to(batch: ChainBatch, device: torch.device | str) -> ChainBatch:
+    """The batch with every tensor moved to ``device`` (dtypes unchanged)."""
+    changes = {
+        f.name: getattr(batch, f.name).to(device)
+        for f in dataclasses.fields(batch)
+        if torch.is_tensor(getattr(batch, f.name))
+    }
+    return batch.with_(**changes)
+
+
+def shard_order(lengths: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The documents rank ``rank`` of ``world_size`` reads, in reading order.
+
+    Rank ``r`` owns documents ``r, r + W, r + 2W, ...`` that are not empty, longest first (ties
+    in index order): the shares are disjoint, cover every document, and depend only on the
+    lengths, the rank and the world size.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    share = [i for i in range(rank, len(lengths), world_size) if int(lengths[i]) > 0]
+    return sorted(share, key=lambda i: -int(lengths[i]))
+
+
+class StreamCursor:
+    """One reader's place in :class:`DocumentStreams`, across epochs, with its carried states.
+
+    The semantics of :class:`vmt.inference.train.Trainer` in the windows regime: windows are
+    taken in order; when the streams run out a new epoch starts from the first window with no
+    carried state. Unlike the trainer, :meth:`carry` keeps only the states of documents that
+    continue into the next window (the only ones :func:`attach_carried` reads), so memory
+    stays bounded by the number of streams, whatever the number of documents.
+
+    Args:
+        streams: the streams to walk.
+        window_index: windows of the current epoch already taken (to resume).
+        carried: the carried states at that point, keyed by document.
+    """
+
+    def __init__(
+        self,
+        streams: DocumentStreams,
+        window_index: int = 0,
+        carried: dict[int, torch.Tensor] | None = None,
+    ) -> None:
+        if window_index < 0:
+            raise ValueError(f"window_index must be >= 0, got {window_index}")
+        self.streams = streams
+        self.window_index = window_index
+        self.carried: dict[int, torch.Tensor] = dict(carried or {})
+        self._windows: Iterator[Window] | None = None
+
+    def restart(self) -> None:
+        """Back to the first window of an epoch, with no carried state."""
+        self._windows, self.window_index, self.carried = None, 0, {}
+
+    def next_window(self) -> Window:
+        """The next window (a new epoch begins when the streams run out)."""
+        if self._windows is None:
+            self._windows = iter(self.streams)
+            for taken in range(self.window_index):  # fast-forward after a resume
+                if next(self._windows, None) is None:
+                    raise ValueError(
+                        f"window_index {self.window_index} is past the end of an epoch of "
+                        f"{taken} windows"
+                    )
+        window = next(self._windows, None)
+        if window is None:
+            self.restart()
+            self._windows = iter(self.streams)
+            window = next(self._windows, None)
+            if window is None:
+                raise ValueError("the streams hold no window (every document is empty)")
+        self.window_index += 1
+        return window
+
+    def carry(self, window: Window, x: torch.Tensor) -> None:
+        """Keep the last sampled state of each row of ``window`` whose document continues.
+
+        Args:
+            window: the window just trained on.
+            x: ``(batch, time, state)`` the path sampled on it.
+        """
+        steps = window.batch.num_steps
+        lengths = self.streams.lengths
+        self.carried = {
+            d: x[r, steps - 1].detach()
+            for r, d in enumerate(window.documents)
+            if window.offsets[r] + steps < lengths[d]
+        }
