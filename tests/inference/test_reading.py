@@ -167,3 +167,25 @@ def test_bad_input_is_rejected_with_clear_errors():
         read(vmt, torch.tensor([3, 11]))
     with pytest.raises(ValueError, match="x0 must be"):
         read(vmt, torch.tensor([3, 1]), x0=torch.zeros(2, 3))
+
+
+def test_feature_tokens_reach_the_reader_and_tokens_the_emission():
+    vmt = small_vmt()
+    tokens = torch.randint(0, VOCAB, (20,))
+    shown = (tokens + 1) % VOCAB
+    seen = []
+
+    def fn(inputs, lengths):
+        seen.append(inputs[0].clone())
+        return vmt.reader(inputs, lengths)
+
+    res = read(vmt, tokens, ReadConfig(window=8, keep_path=True), fn, samples=3,
+               feature_tokens=shown)
+    # windows start every 4 tokens; each shows the reader the feature tokens, not the tokens
+    assert [w.tolist() for w in seen] == [shown[p : p + 8].tolist() for p in range(0, 13, 4)]
+    # ... while the emission scores ``tokens`` along the sampled path (float64 sums: 1e-10)
+    with torch.no_grad():
+        lik = vmt.emission.log_prob(res.path, tokens.expand(3, -1)).sum(-1)
+    torch.testing.assert_close(res.log_lik, lik, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="feature_tokens"):
+        read(vmt, tokens, ReadConfig(window=8), fn, feature_tokens=shown[:5])

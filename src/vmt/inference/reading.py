@@ -188,11 +188,11 @@ def _transition(transition, x_prev: torch.Tensor):
 def _window_context(net: GuideNet, feature_fn: FeatureFn, window: torch.Tensor) -> torch.Tensor:
     """``(time, hidden)`` guide context of one window ``(time,)`` or ``(time, obs)``."""
     steps = window.shape[0]
-    lengths = torch.tensor([steps])
+    lengths = torch.tensor([steps], device=window.device)
     feats = feature_fn(window[None], lengths)
     if feats.dim() != 3 or feats.shape[:2] != (1, steps):
         raise ValueError(f"the feature function returned {tuple(feats.shape)}, expected (1, {steps}, feature)")
-    ahead = (steps - torch.arange(steps))[None]
+    ahead = (steps - torch.arange(steps, device=feats.device))[None]
     return net.context(feats, ahead)[0]
 
 
@@ -207,6 +207,7 @@ def read(
     x0: torch.Tensor | None = None,
     direction: str = "forward",
     jump_features: FeatureFn | None = None,
+    feature_tokens: torch.Tensor | None = None,
 ) -> ReadResult:
     """Read ``tokens`` with a bounded window and return the last state and ELBO terms.
 
@@ -221,6 +222,9 @@ def read(
         direction: ``"reverse"`` reads with the reverse guide and scores with ``p_r`` (give it
             time-reversed tokens and a feature function of the reverse model).
         jump_features: forward-reading features for the jump (default: ``flipped(feature_fn)``).
+        feature_tokens: ``(time,)`` what the feature function reads in place of ``tokens``
+            (e.g. a frozen LM's own ids when ``tokens`` are compact emission ids, so tokens
+            merged into ``<unk>`` still reach the LM as themselves).
 
     Returns:
         :class:`ReadResult`.
@@ -231,6 +235,13 @@ def read(
     _check_input(tokens, c.obs_dim, categorical)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    if feature_tokens is None:
+        feature_tokens = tokens
+    elif feature_tokens.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"feature_tokens must have the {tokens.shape[0]} positions of tokens, "
+            f"got shape {tuple(feature_tokens.shape)}"
+        )
     feature_fn = feature_fn or reader_features(vmt)
     net = vmt.guide_net_for(direction)
     transition = vmt.transition_for(direction)
@@ -245,10 +256,12 @@ def read(
         if x0.shape != (samples, c.state_dim):
             raise ValueError(f"x0 must be ({samples}, {c.state_dim}) or ({c.state_dim},), got {tuple(x0.shape)}")
     n, w, t = tokens.shape[0], config.window, config.skip
-    dtype = next(vmt.parameters()).dtype
-    zeros = torch.zeros(samples, dtype=dtype)
+    param = next(vmt.parameters())
+    dtype, device = param.dtype, param.device
+    zeros = torch.zeros(samples, dtype=dtype, device=device)
     log_lik, log_latent, log_guide = zeros.clone(), zeros.clone(), zeros.clone()
-    path = torch.full((samples, n, c.state_dim), float("nan"), dtype=dtype) if config.keep_path else None
+    path = (torch.full((samples, n, c.state_dim), float("nan"), dtype=dtype, device=device)
+            if config.keep_path else None)
     prior = vmt.prior.distribution()
     x_prev, last, scored, windows, sampled_only = x0, -1, 0, 0, 0
 
@@ -263,24 +276,23 @@ def read(
 
     pos = 0
     if config.jump:
-        first = tokens[: min(w, n)]
+        first = feature_tokens[: min(w, n)]
         m = first.shape[0]
-        fwd = (jump_features or flipped(feature_fn))(first[None], torch.tensor([m]))
+        fwd = (jump_features or flipped(feature_fn))(first[None], torch.tensor([m], device=first.device))
         # h_m summarises y_1 .. y_m; the reverse guide reads the reversed window, whose first
         # position is y_m with m tokens ahead
-        ctx = reverse_net.context(fwd[:, -1:], torch.tensor([[m]]))[0, 0]
+        ctx = reverse_net.context(fwd[:, -1:], torch.tensor([[m]], device=fwd.device))[0, 0]
         loc, scale, combined = reverse_net.first_params(ctx.expand(samples, -1))
         x_prev = _gaussian(reverse_net, loc, scale, combined).sample()
         last, windows, pos = m - 1, 1, m
         if path is not None:
             path[:, last] = x_prev
     while pos < n:
-        window = tokens[pos : pos + w]
-        ctx = _window_context(net, feature_fn, window)
+        ctx = _window_context(net, feature_fn, feature_tokens[pos : pos + w])
         step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per window
         windows += 1
         final = pos + w >= n
-        advance = window.shape[0] if final else w // 2
+        advance = n - pos if final else w // 2
         # positions to sample inside [pos, pos + advance); a skip read ends exactly at n - 1
         while True:
             k = pos if x_prev is None else last + t
