@@ -1,11 +1,13 @@
 from collections import Counter
 
 import pytest
+import torch
 
-from vmt.memory import StreamingLLM
+from vmt.memory import FullContext, StreamingLLM
 from vmt.memory.methods import KVMethod, grocery_recall, play_rps
 from vmt.memory.tasks import (
     GROCERY_ITEMS,
+    LETTERS,
     grocery_session,
     natural_filler,
     passkey_trial,
@@ -30,11 +32,25 @@ def test_rps_player_frequencies_and_seeding():
         rps_preferences("lizard")
 
 
+def test_grocery_answer_positions_are_balanced():
+    # the right name is at each index equally often (uniform shuffle of the candidates)
+    counts = Counter(grocery_session(0, seed=s).recall.answer for s in range(4000))
+    # binomial sd of a count with n=4000, p=0.25 is 27.4: 120 is > 4 sd
+    assert all(abs(counts[i] - 1000) < 120 for i in range(4)), counts
+
+
 def test_grocery_session_structure():
     s = grocery_session(5, seed=1)
     assert s.item in GROCERY_ITEMS and s.item in s.instruction
     assert len(s.distractors) == 5
-    assert s.recall.options[s.recall.answer] == s.item
+    # the recall is answered by the item name, as a continuation of the assistant's sentence
+    assert s.recall.prompt.endswith("\nAssistant: You asked me to buy")
+    assert len(s.recall.continuations) == 4 and len(set(s.recall.continuations)) == 4
+    assert s.recall.continuations[s.recall.answer] == " " + s.item
+    for c in s.recall.continuations:
+        assert c.startswith(" ") and c[1:] in GROCERY_ITEMS
+    # pure recall: the question names none of the candidates
+    assert not any(c[1:] in s.recall.prompt for c in s.recall.continuations)
     for q in s.distractors:
         assert len(q.options) == 4 and 0 <= q.answer < 4
         if q.prompt.startswith("User: What is"):
@@ -72,5 +88,44 @@ def test_runners_on_tiny_model():
     assert len(outcomes) == 10 and set(outcomes) <= {-1, 0, 1}
     res = grocery_recall(method, tokenize, grocery_session(4, seed=0), [0, 2, 4])
     assert set(res) == {0, 2, 4}
+    assert all(isinstance(v, bool) for v in res.values())
     with pytest.raises(ValueError, match="checkpoints"):
         grocery_recall(method, tokenize, grocery_session(4, seed=0), [5])
+
+
+def test_grocery_recall_matches_an_independent_full_context_oracle():
+    model = tiny_llama(vocab_size=256)
+
+    def tokenize(text):
+        return list(text.encode())
+
+    spec = grocery_session(3, seed=4)
+    res = grocery_recall(KVMethod("full", model, FullContext(), chunk_size=40), tokenize, spec, [1, 3])
+    for mark in (1, 3):
+        history = spec.instruction + "".join(
+            q.prompt + LETTERS[q.answer] + ")\n" for q in spec.distractors[:mark]
+        )
+        ctx = tokenize(history + spec.recall.prompt)
+        scores = []
+        for cont in spec.recall.continuations:
+            ids = torch.tensor(ctx + tokenize(cont))
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids[None]).logits[0].double(), -1)
+            scores.append(float(lp[len(ctx) - 1 : -1].gather(1, ids[len(ctx) :, None]).sum()))
+        ranked = sorted(scores)
+        # summed log-likelihoods of different names differ far more than float32 error
+        assert ranked[-1] - ranked[-2] > 1e-3
+        assert res[mark] == (scores.index(ranked[-1]) == spec.recall.answer)
+
+
+@pytest.mark.lm
+def test_smollm2_recalls_the_grocery_item_by_name_with_full_context(smollm2):
+    model, tok = smollm2
+
+    def tokenize(text):
+        return tok(text, add_special_tokens=False).input_ids
+
+    method = KVMethod("full", model, FullContext(), chunk_size=256)
+    # the task must be solvable by this model when nothing is evicted (4 sessions, N = 2)
+    results = [grocery_recall(method, tokenize, grocery_session(2, seed=s), [2])[2] for s in range(4)]
+    assert all(results), results

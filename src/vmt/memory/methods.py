@@ -22,6 +22,8 @@ from vmt.memory.tasks import (
     RPS_INTRO,
     RPS_MOVES,
     RPS_OPTIONS,
+    CompletionQuestion,
+    DialogueSession,
     GrocerySession,
     PasskeyTrial,
     rps_outcome,
@@ -122,6 +124,25 @@ def play_rps(method: MemoryMethod, tokenize: Tokenize, player_moves: Sequence[st
     return outcomes
 
 
+def _check_marks(checkpoints: Sequence[int], n_max: int) -> list[int]:
+    marks = sorted(set(checkpoints))
+    if not marks or marks[0] < 0 or marks[-1] > n_max:
+        raise ValueError(f"checkpoints must lie in [0, {n_max}], got {list(checkpoints)}")
+    return marks
+
+
+def answer_completion(
+    session: MemorySession, tokenize: Tokenize, question: CompletionQuestion
+) -> bool:
+    """Whether ``session`` picks the right continuation of ``question.prompt``.
+
+    Each continuation is scored by its summed token log-likelihood (``choose_tokens``; no
+    length normalisation): the probability of the whole continuation text.
+    """
+    options = [tokenize(c) for c in question.continuations]
+    return session.choose_tokens(tokenize(question.prompt), options) == question.answer
+
+
 def grocery_recall(
     method: MemoryMethod,
     tokenize: Tokenize,
@@ -130,31 +151,56 @@ def grocery_recall(
 ) -> dict[int, bool]:
     """Recall correctness after ``n`` distractor questions, for every ``n`` in ``checkpoints``.
 
-    The distractor questions are read with their right answers (teacher-forced), block by
-    block between checkpoints; at each checkpoint a fork of the session is asked the recall
-    question, so one stream serves every distance.
+    The distractor questions are read with their right answers (teacher-forced), one round
+    each; at each checkpoint a fork of the session is asked the recall question, answered by
+    the item name (the candidate names scored as continuations), so one stream serves every
+    distance.
     """
-    marks = sorted(set(checkpoints))
-    if not marks or marks[0] < 0 or marks[-1] > len(session_spec.distractors):
-        raise ValueError(
-            f"checkpoints must lie in [0, {len(session_spec.distractors)}], got {list(checkpoints)}"
-        )
+    marks = _check_marks(checkpoints, len(session_spec.distractors))
     session = method.new_session()
     session.read_tokens(tokenize(session_spec.instruction))
-    recall = session_spec.recall
-    options = [tokenize(LETTERS[i]) for i in range(len(recall.options))]
+    session.end_round()
     results: dict[int, bool] = {}
     done = 0
     for mark in marks:
-        block: list[int] = []
         for q in session_spec.distractors[done:mark]:
-            block += tokenize(q.prompt + LETTERS[q.answer] + ")\n")
-        if block:
-            session.read_tokens(block)
+            session.read_tokens(tokenize(q.prompt + LETTERS[q.answer] + ")\n"))
             session.end_round()
         done = mark
-        probe = session.fork()
-        results[mark] = probe.choose_tokens(tokenize(recall.prompt), options) == recall.answer
+        results[mark] = answer_completion(session.fork(), tokenize, session_spec.recall)
+    return results
+
+
+def dialogue_selection(
+    method: MemoryMethod,
+    tokenize: Tokenize,
+    session_spec: DialogueSession,
+    checkpoints: Sequence[int],
+) -> dict[int, list[bool]]:
+    """Response-selection correctness per probe after ``n`` small-talk turns, per checkpoint.
+
+    The opening turns (the facts) and the small talk are read one turn per round
+    (``end_round`` after each). At each checkpoint every probe is asked on its own fork of
+    the stream, so one stream serves every distance and the probes do not see each other.
+
+    Returns:
+        ``{n: [correct of probe 0, probe 1, ...]}`` (probes in the order of ``facts``).
+    """
+    marks = _check_marks(checkpoints, len(session_spec.small_talk))
+    session = method.new_session()
+    for turn in session_spec.opening:
+        session.read_tokens(tokenize(turn))
+        session.end_round()
+    results: dict[int, list[bool]] = {}
+    done = 0
+    for mark in marks:
+        for turn in session_spec.small_talk[done:mark]:
+            session.read_tokens(tokenize(turn))
+            session.end_round()
+        done = mark
+        results[mark] = [
+            answer_completion(session.fork(), tokenize, probe) for probe in session_spec.probes
+        ]
     return results
 
 

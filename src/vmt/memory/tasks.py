@@ -4,13 +4,18 @@
   reveals the player's previous move, the model answers by option likelihood. The best
   fixed strategy (always beat the favourite) wins about 50% of rounds.
 * **Grocery key recall**: an instruction to buy one item, ``N`` distractor multiple-choice
-  questions, then "what did I ask you to buy?" among four items.
+  questions, then "what did I ask you to buy?" answered by the item's *name*: the four
+  candidate names are scored as continuations of "You asked me to buy" (a small model
+  cannot map an item to a letter reliably, so letters would measure that, not memory).
 * **Passkey retrieval**: a five-digit key stated once inside natural-text filler (English
   reference prose from CPython's ``pydoc_data.topics``, never a repeated sentence) at a
   chosen depth; the question at the end.
-
-No multi-turn dialogue corpus ships with the installed packages, so there is no dialogue
-response-selection task here.
+* **Dialogue response selection**: a generated multi-turn chat. The user states a few
+  personal facts (dog's name, home town, job, favourite food), then ``N`` turns of small
+  talk that never mention them (templates with varied content, no sentence twice), then a
+  user turn alluding to one fact; of ``K`` candidate assistant responses (one template,
+  values from the same list) exactly one agrees with the stated fact. No multi-turn
+  dialogue corpus ships with the installed packages, hence the generator.
 
 Every generator is a pure function of its arguments and ``seed``. The task *runners* that
 play a session against a memory method live in :mod:`vmt.memory.methods`.
@@ -50,6 +55,21 @@ class MCQuestion:
 
     prompt: str
     options: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class CompletionQuestion:
+    """A question answered by scoring whole continuations of ``prompt``.
+
+    Attributes:
+        prompt: text up to where the answer starts (e.g. ``"...Assistant: You asked me to buy"``).
+        continuations: candidate texts read right after ``prompt`` (each starts with a space).
+        answer: index of the right continuation.
+    """
+
+    prompt: str
+    continuations: tuple[str, ...]
     answer: int
 
 
@@ -125,12 +145,16 @@ def distractor_question(rng: random.Random) -> MCQuestion:
 
 @dataclass(frozen=True)
 class GrocerySession:
-    """Instruction, distractor questions, and the recall question (answer = the item)."""
+    """Instruction, distractor questions, and the recall question (answer = the item).
+
+    ``recall.continuations`` are four item names with a leading space (the item and three
+    others, in random order); the right one is ``" " + item``.
+    """
 
     item: str
     instruction: str
     distractors: tuple[MCQuestion, ...]
-    recall: MCQuestion
+    recall: CompletionQuestion
 
 
 def grocery_session(n_distractors: int, seed: int) -> GrocerySession:
@@ -144,8 +168,16 @@ def grocery_session(n_distractors: int, seed: int) -> GrocerySession:
         "today. Now let me ask you some other questions.\nAssistant: OK, I will remember.\n"
     )
     distractors = tuple(distractor_question(rng) for _ in range(n_distractors))
-    wrong = rng.sample([g for g in GROCERY_ITEMS if g != item], 3)
-    recall = _mc(rng, "What did I ask you to buy at the grocery store?", item, wrong)
+    names = [item, *rng.sample([g for g in GROCERY_ITEMS if g != item], 3)]
+    rng.shuffle(names)
+    # The candidates are not listed in the question: listed, SmolLM2 favours the first one
+    # named; unlisted, the question is pure recall and the candidates only score it.
+    recall = CompletionQuestion(
+        "User: What did I ask you to buy at the grocery store?\n"
+        "Assistant: You asked me to buy",
+        tuple(f" {n}" for n in names),
+        names.index(item),
+    )
     return GrocerySession(item, instruction, distractors, recall)
 
 
@@ -233,3 +265,188 @@ def passkey_trial(tokenize, n_tokens: int, depth: float, seed: int) -> PasskeyTr
     cut = round(depth * n_filler)
     context = intro + filler[:cut] + needle + filler[cut:] + question
     return PasskeyTrial(tuple(context), tuple(answer), key, depth, len(intro) + cut)
+
+
+# --------------------------------------------------------------------------- dialogue
+@dataclass(frozen=True)
+class DialogueFact:
+    """One kind of personal fact: its possible values and the sentences that use it.
+
+    ``statement`` tells the fact (``{v}`` = value); ``probe`` is a later user turn alluding to
+    it without the value; ``response`` is the assistant reply that names the value.
+    """
+
+    name: str
+    values: tuple[str, ...]
+    statement: str
+    probe: str
+    response: str
+
+
+DIALOGUE_FACTS = (
+    DialogueFact(
+        "dog",
+        ("Biscuit", "Rusty", "Luna", "Max", "Daisy", "Bruno", "Toby", "Milo", "Rosie", "Ziggy"),
+        "I have a dog called {v}, who is three years old.",
+        "My dog has been limping a little since our walk this morning.",
+        " Oh no, I hope {v} feels better soon.",
+    ),
+    DialogueFact(
+        "home town",
+        ("Lisbon", "Bristol", "Dublin", "Krakow", "Toronto", "Melbourne", "Nairobi", "Osaka",
+         "Seville", "Boston"),
+        "I grew up in {v} and lived there until I was eighteen.",
+        "Next month I am going back to visit the place where I grew up.",
+        " Enjoy your trip back to {v}!",
+    ),
+    DialogueFact(
+        "job",
+        ("a nurse", "a teacher", "a plumber", "an architect", "a pilot", "a baker", "a lawyer",
+         "a firefighter", "a librarian", "an electrician"),
+        "I work as {v}.",
+        "I had a really long day at work today.",
+        " I am sorry to hear that; working as {v} can be exhausting.",
+    ),
+    DialogueFact(
+        "favourite food",
+        ("lasagne", "sushi", "paella", "pancakes", "curry", "tacos", "ramen", "dumplings",
+         "risotto", "falafel"),
+        "My favourite food is {v}.",
+        "I want to make my favourite food tonight.",
+        " Great idea, enjoy your {v}!",
+    ),
+)  # fmt: skip
+
+_ACKS = (
+    "Thanks for telling me.", "Good to know!", "That is nice to hear.", "I will keep that in mind.",
+    "How interesting!", "Lovely, thank you for sharing.",
+)  # fmt: skip
+
+#: Small-talk user sentences: a template with one slot, each slot with ten fillers. None of
+#: these words refers to a dog, a place of origin, work or food.
+_SMALL_TALK = (
+    ("The weather has been {} all week.",
+     ("rainy", "sunny", "windy", "cold", "foggy", "warm", "grey", "humid", "chilly", "mild")),
+    ("I watched a film about {} last night.",
+     ("pirates", "space travel", "a bank robbery", "a chess champion", "a haunted house",
+      "a jazz band", "a mountain rescue", "a detective", "time travel", "a sailing race")),
+    ("I am reading a book about {}.",
+     ("ancient Rome", "the history of maps", "bees", "volcanoes", "the deep sea",
+      "medieval castles", "trains", "the moon", "glaciers", "clocks")),
+    ("This weekend I might {}.",
+     ("go hiking", "paint the fence", "visit a museum", "clean the garage",
+      "try a new board game", "go to the cinema", "fix my bicycle", "plant some flowers",
+      "go swimming", "learn to juggle")),
+    ("Have you heard any good {} music lately?",
+     ("jazz", "folk", "classical", "blues", "reggae", "country", "soul", "disco", "opera",
+      "swing")),
+    ("My neighbour just bought a {}.",
+     ("red bicycle", "small boat", "vintage car", "electric scooter", "camper van", "motorbike",
+      "telescope", "sports car", "tractor", "kayak")),
+    ("I started learning {} this month.",
+     ("to knit", "the guitar", "Spanish", "to draw", "chess", "photography", "pottery",
+      "the piano", "to sew", "yoga")),
+    ("I saw {} in the park today.",
+     ("a huge rainbow", "a street magician", "two herons", "a kite festival", "a brass band",
+      "a yoga class", "a chess tournament", "an old friend", "a hot air balloon",
+      "a squirrel chasing a pigeon")),
+)  # fmt: skip
+_LEADS = ("", "By the way, ", "Anyway, ", "So, ", "Honestly, ", "You know, ")
+_OPENERS = ("", "Oh, ", "Ah, ", "Well, ", "Wow, ")
+_ADJECTIVES = ("nice", "fun", "interesting", "relaxing", "lovely", "exciting", "great",
+               "unusual", "charming", "wonderful")  # fmt: skip
+_FOLLOW_UPS = (
+    "Tell me more about it.", "How did that come about?", "I would enjoy that too.",
+    "What did you think of it?", "It is good to hear about your week.", "Keep me posted!",
+    "I hope it stays that way.", "That must have been memorable.", "Was it what you expected?",
+    "I like hearing about these things.",
+)  # fmt: skip
+#: Words the small talk must never contain (the facts' topics); checked by the tests.
+DIALOGUE_TOPIC_WORDS = ("dog", "grew", "town", "work", "job", "food", "cook", "dinner", "eat")
+
+
+def _lead(lead: str, sentence: str) -> str:
+    if not lead or sentence.startswith("I "):
+        return lead + sentence
+    return lead + sentence[0].lower() + sentence[1:]
+
+
+def small_talk_turns(n_turns: int, rng: random.Random) -> list[str]:
+    """``n_turns`` small-talk exchanges ``"User: ...\\nAssistant: ...\\n"``, no sentence twice."""
+    n_user = len(_LEADS) * sum(len(fill) for _, fill in _SMALL_TALK)
+    n_reply = len(_OPENERS) * len(_ADJECTIVES) * len(_FOLLOW_UPS)
+    if n_turns > min(n_user, n_reply) // 2:
+        raise ValueError(f"n_turns must be <= {min(n_user, n_reply) // 2}, got {n_turns}")
+    seen: set[str] = set()
+    turns = []
+    while len(turns) < n_turns:
+        template, fillers = rng.choice(_SMALL_TALK)
+        user = _lead(rng.choice(_LEADS), template.format(rng.choice(fillers)))
+        opener = rng.choice(_OPENERS)
+        reply = _lead(opener, f"That sounds {rng.choice(_ADJECTIVES)}.") + " " + rng.choice(
+            _FOLLOW_UPS
+        )
+        reply = reply[0].upper() + reply[1:]
+        if user in seen or reply in seen:
+            continue
+        seen.update((user, reply))
+        turns.append(f"User: {user}\nAssistant: {reply}\n")
+    return turns
+
+
+@dataclass(frozen=True)
+class DialogueSession:
+    """A generated chat: facts stated, small talk, and one probe per fact.
+
+    Attributes:
+        facts: (fact name, value) pairs in the order they were stated.
+        opening: one turn per fact, ``"User: ...\\nAssistant: ...\\n"``.
+        small_talk: ``N`` turns that never mention the facts.
+        probes: one per fact, in the order of ``facts``; ``prompt`` is a user turn alluding to
+            the fact ending in ``"\\nAssistant:"``, ``continuations`` the ``K`` candidate
+            responses, of which only ``continuations[answer]`` names the stated value.
+    """
+
+    facts: tuple[tuple[str, str], ...]
+    opening: tuple[str, ...]
+    small_talk: tuple[str, ...]
+    probes: tuple[CompletionQuestion, ...]
+
+
+def dialogue_session(n_turns: int, seed: int, n_candidates: int = 4) -> DialogueSession:
+    """A dialogue response-selection session with ``n_turns`` small-talk turns.
+
+    Args:
+        n_turns: small-talk exchanges between the facts and the probes.
+        seed: picks the values, their order, the small talk and the wrong candidates.
+        n_candidates: ``K`` candidate responses per probe (chance accuracy ``1/K``).
+    """
+    if isinstance(n_turns, bool) or not isinstance(n_turns, int) or n_turns < 0:
+        raise ValueError(f"n_turns must be an integer >= 0, got {n_turns!r}")
+    n_values = min(len(f.values) for f in DIALOGUE_FACTS)
+    if not 2 <= n_candidates <= n_values:
+        raise ValueError(f"n_candidates must lie in [2, {n_values}], got {n_candidates}")
+    rng = random.Random(seed)
+    order = list(DIALOGUE_FACTS)
+    rng.shuffle(order)
+    acks = rng.sample(_ACKS, len(order))
+    values = [rng.choice(f.values) for f in order]
+    opening = tuple(
+        f"User: {f.statement.format(v=v)}\nAssistant: {ack}\n"
+        for f, v, ack in zip(order, values, acks, strict=True)
+    )
+    probes = []
+    for f, v in zip(order, values, strict=True):
+        options = [v, *rng.sample([w for w in f.values if w != v], n_candidates - 1)]
+        rng.shuffle(options)
+        probes.append(
+            CompletionQuestion(
+                f"User: {f.probe}\nAssistant:",
+                tuple(f.response.format(v=o) for o in options),
+                options.index(v),
+            )
+        )
+    # drawn last, so sessions of any length share facts, probes and the first turns
+    small_talk = tuple(small_talk_turns(n_turns, rng))
+    facts = tuple((f.name, v) for f, v in zip(order, values, strict=True))
+    return DialogueSession(facts, opening, small_talk, tuple(probes))

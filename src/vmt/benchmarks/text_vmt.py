@@ -1,0 +1,60 @@
+"""The text VMT that benchmarks share: the ``text-smollm2`` preset (guide reading frozen
+SmolLM2-135M features) fitted with the ``demo`` schedule on the embedded corpus.
+
+It is fitted once per mode and kept under ``runs/bench/text-vmt/{quick,full}``; later calls
+resume from the finished checkpoint instead of training again. The quick mode trains for a
+few dozen steps only (a smoke run, not a model to read numbers from).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PRESET = "text-smollm2"
+SCHEDULE = "demo"
+QUICK_STEPS = 40
+
+
+def fitted_text_vmt(quick: bool, root: str | Path = "runs/bench/text-vmt"):
+    """A :class:`vmt.experiment.RunResult` of the shared text VMT (fitted or resumed)."""
+    from vmt import experiment
+
+    preset = experiment.ModelPreset.from_dict(
+        experiment.load_json(experiment.resolve_config(PRESET, "models"))
+    )
+    schedule = experiment.Schedule.from_dict(
+        experiment.load_json(experiment.resolve_config(SCHEDULE, "inference"))
+    )
+    if quick:
+        train = replace(schedule.train, steps=QUICK_STEPS, annealing_steps=QUICK_STEPS // 2,
+                        checkpoint_every=QUICK_STEPS)
+        schedule = replace(schedule, train=train, max_test_tokens=500)
+    out = Path(root) / ("quick" if quick else "full")
+    logger.info("text VMT (%s, %s schedule, %d steps) in %s", PRESET, SCHEDULE,
+                schedule.train.steps, out)
+    return experiment.run_text(preset, schedule, out, progress=False)
+
+
+class TextVMTMethods:
+    """A ``memory-tasks`` method factory ``(model, tokenizer, budget, task) -> MemoryMethod``:
+    the shared text VMT reading with a window equal to the budget and its state carried.
+
+    The model is fitted (or resumed) on first use; set :attr:`quick` before that to use the
+    quick model. ``model`` and ``tokenizer`` are not needed: the run has its own copy of the LM.
+    """
+
+    def __init__(self, samples: int = 16) -> None:
+        self.samples = samples
+        self.quick = False
+        self._fitted: dict[bool, object] = {}
+
+    def __call__(self, model, tokenizer, budget: int, task: str):
+        from vmt.memory.vmt_method import VMTMethod
+
+        if self.quick not in self._fitted:
+            self._fitted[self.quick] = fitted_text_vmt(self.quick)
+        return VMTMethod.from_run(self._fitted[self.quick], window=budget, samples=self.samples)
