@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,13 @@ from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scale"))
-from workers import periodic_documents, save_params, tiny_vmt, train_config  # noqa: E402
+from workers import (  # noqa: E402
+    kill_when_checkpoint_reaches,
+    periodic_documents,
+    save_params,
+    tiny_vmt,
+    train_config,
+)
 
 from vmt.checkpoint import load_checkpoint  # noqa: E402
 from vmt.inference.distributed import DistributedTrainer, distributed_fit, step_seed  # noqa: E402
@@ -304,17 +309,7 @@ def test_killed_windows_run_resumes_to_the_uninterrupted_result(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            written = json.loads((ck / "checkpoint.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):  # not there yet, or replaced while read
-            written = 0
-        if written >= 4:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
+    kill_when_checkpoint_reaches(proc, ck, 4)
     assert proc.returncode == -signal.SIGKILL, "the run was not killed half way"
     assert not out.exists()
     meta = json.loads((ck / "checkpoint.json").read_text())

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +16,12 @@ from vmt.inference.elbo import auxiliary_losses, elbo_terms
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import HERE, PYTHON, worker_env  # noqa: E402
-from workers import periodic_documents, tiny_vmt, train_config  # noqa: E402
+from workers import (  # noqa: E402
+    kill_when_checkpoint_reaches,
+    periodic_documents,
+    tiny_vmt,
+    train_config,
+)
 
 STEPS = 4
 
@@ -138,20 +142,7 @@ def test_killed_training_run_resumes_to_the_uninterrupted_result(tmp_path):
             "--checkpoint", str(ck)]
     proc = subprocess.Popen(args, env=worker_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    killed_at = None
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        meta = ck / "checkpoint.json"
-        if meta.exists():
-            try:
-                killed_at = json.loads(meta.read_text())["step"]
-            except (ValueError, KeyError):  # replaced while we read it
-                continue
-            if killed_at >= 4:
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
+    kill_when_checkpoint_reaches(proc, ck, 4)
     assert proc.returncode == -signal.SIGKILL, "the run was not killed half way"
     assert not out.exists()
     step_at_kill = json.loads((ck / "checkpoint.json").read_text())["step"]

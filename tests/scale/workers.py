@@ -76,6 +76,27 @@ def ddp(args) -> None:
         )
 
 
+def kill_when_checkpoint_reaches(proc, checkpoint_dir: Path, step: int,
+                                  timeout: float = 90.0) -> None:
+    """SIGKILL ``proc`` as soon as the checkpoint in ``checkpoint_dir`` records ``step`` or
+    more (polling every 20 ms); returns when the process has ended."""
+    import signal
+    import time
+
+    meta = Path(checkpoint_dir) / "checkpoint.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            written = json.loads(meta.read_text())["step"]
+        except (OSError, ValueError, KeyError):  # not there yet, or replaced while read
+            written = 0
+        if written >= step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+
+
 def status_bytes(field: str = "VmData") -> int:
     """A size from /proc/self/status (VmData: private data; VmHWM: peak resident set)."""
     for line in Path("/proc/self/status").read_text().splitlines():
