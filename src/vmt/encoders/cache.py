@@ -146,37 +146,37 @@ def _check_finite(features: torch.Tensor, doc: int, stage: str) -> None:
         )
 
 
-class FeatureCache:
-    """Stored features of every document of one corpus for one frozen extractor.
+class CacheFolder:
+    """What every feature-cache folder shares: its ``meta.json`` (format, corpus fingerprint,
+    document lengths, hidden size), the checks made when it is opened, and the properties
+    read from it. Subclasses say what they are called and what a complete folder holds."""
 
-    Use :meth:`build` (computes what is missing, then opens) or :meth:`open`.
-    ``cache[i]`` returns ``(features (time, hidden) float32, ahead (time,) int64)`` for
-    document ``i``.
-    """
+    kind = "feature cache"
+    format_version = _FORMAT
 
-    def __init__(self, directory: str | Path, corpus: TokenizedCorpus | None = None) -> None:
+    def _read_meta(self, directory: str | Path, corpus: TokenizedCorpus | Any | None) -> None:
         self.directory = Path(directory)
         meta_path = self.directory / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"no feature cache at {self.directory} (meta.json missing)")
+            raise FileNotFoundError(f"no {self.kind} at {self.directory} (meta.json missing)")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != _FORMAT:
-            raise ValueError(f"feature cache at {self.directory} has an unknown format")
-        if corpus is not None:
-            self._check_corpus(corpus)
-        missing = [i for i in range(len(self)) if not self._doc_path(i).is_file()]
-        if missing:
+        if self.meta.get("format") != self.format_version:
+            raise ValueError(f"{self.kind} at {self.directory} has an unknown format")
+        if corpus is not None and corpus.fingerprint != self.meta["corpus"]:
             raise ValueError(
-                f"feature cache at {self.directory} is incomplete: {len(missing)} of {len(self)} "
-                f"documents missing (first {missing[:5]}); run FeatureCache.build again"
+                f"{self.kind} at {self.directory} was built for corpus "
+                f"{self.meta.get('corpus_name')!r} ({len(self)} documents, fingerprint "
+                f"{self.meta['corpus'][:12]}), not for corpus {getattr(corpus, 'name', None)!r} "
+                f"({len(corpus)} documents, fingerprint {corpus.fingerprint[:12]})"
             )
 
-    @classmethod
-    def open(cls, directory: str | Path, corpus: TokenizedCorpus | None = None) -> FeatureCache:
-        """Open a complete cache; with ``corpus``, check it is the corpus it was built for."""
-        return cls(directory, corpus)
+    def _require_complete(self, missing: list[int], total: int, unit: str) -> None:
+        if missing:
+            raise ValueError(
+                f"{self.kind} at {self.directory} is incomplete: {len(missing)} of {total} "
+                f"{unit} missing (first {missing[:5]}); run build again"
+            )
 
-    # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
         return len(self.meta["lengths"])
 
@@ -188,6 +188,30 @@ class FeatureCache:
     def lengths(self) -> list[int]:
         return list(self.meta["lengths"])
 
+    @property
+    def corpus_fingerprint(self) -> str:
+        return str(self.meta["corpus"])
+
+
+class FeatureCache(CacheFolder):
+    """Stored features of every document of one corpus for one frozen extractor.
+
+    Use :meth:`build` (computes what is missing, then opens) or :meth:`open`.
+    ``cache[i]`` returns ``(features (time, hidden) float32, ahead (time,) int64)`` for
+    document ``i``.
+    """
+
+    def __init__(self, directory: str | Path, corpus: TokenizedCorpus | None = None) -> None:
+        self._read_meta(directory, corpus)
+        missing = [i for i in range(len(self)) if not self._doc_path(i).is_file()]
+        self._require_complete(missing, len(self), "documents")
+
+    @classmethod
+    def open(cls, directory: str | Path, corpus: TokenizedCorpus | None = None) -> FeatureCache:
+        """Open a complete cache; with ``corpus``, check it is the corpus it was built for."""
+        return cls(directory, corpus)
+
+    # ------------------------------------------------------------------ properties
     @property
     def window(self) -> int:
         return int(self.meta["window"])
@@ -204,21 +228,8 @@ class FeatureCache:
     def extractor_fingerprint(self) -> str:
         return str(self.meta["extractor"])
 
-    @property
-    def corpus_fingerprint(self) -> str:
-        return str(self.meta["corpus"])
-
     def _doc_path(self, i: int) -> Path:
         return self.directory / f"doc{i:06d}.safetensors"
-
-    def _check_corpus(self, corpus: TokenizedCorpus) -> None:
-        if corpus.fingerprint != self.meta["corpus"]:
-            raise ValueError(
-                f"feature cache at {self.directory} was built for corpus "
-                f"{self.meta.get('corpus_name')!r} ({len(self)} documents, fingerprint "
-                f"{self.meta['corpus'][:12]}), not for corpus {corpus.name!r} "
-                f"({len(corpus)} documents, fingerprint {corpus.fingerprint[:12]})"
-            )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features (time, hidden) float32, ahead (time,) int64)`` of document ``i``."""

@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vmt.encoders.cache import WindowPlan, _ahead, _atomic_write_bytes, _check_finite, plan_windows
+from vmt.encoders.cache import (
+    CacheFolder,
+    WindowPlan,
+    _ahead,
+    _atomic_write_bytes,
+    _check_finite,
+    plan_windows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,32 +78,20 @@ def shard_table(lengths: list[int], shard_tokens: int) -> list[tuple[int, int]]:
     return table
 
 
-class ShardedFeatureCache:
+class ShardedFeatureCache(CacheFolder):
     """Features of every document of a corpus, in memory-mapped shards.
 
     Use :meth:`build` (computes what is missing, then opens) or open a folder directly.
     ``cache[i]`` is ``(features (time, hidden) float32, ahead (time,) int64)`` of document ``i``.
     """
 
+    kind = "sharded feature cache"
+    format_version = _FORMAT
+
     def __init__(self, directory: str | Path, corpus: Any = None, max_open: int = 8) -> None:
-        self.directory = Path(directory)
-        meta_path = self.directory / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"no sharded feature cache at {self.directory} (meta.json missing)")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != _FORMAT:
-            raise ValueError(f"sharded feature cache at {self.directory} has an unknown format")
-        if corpus is not None and corpus.fingerprint != self.meta["corpus"]:
-            raise ValueError(
-                f"sharded feature cache at {self.directory} was built for another corpus "
-                f"(fingerprint {self.meta['corpus'][:12]}, not {corpus.fingerprint[:12]})"
-            )
+        self._read_meta(directory, corpus)
         missing = [s for s in range(self.num_shards) if not self._done(s)]
-        if missing:
-            raise ValueError(
-                f"sharded feature cache at {self.directory} is incomplete: {len(missing)} of "
-                f"{self.num_shards} shards missing (first {missing[:5]}); run build again"
-            )
+        self._require_complete(missing, self.num_shards, "shards")
         lengths = np.asarray(self.meta["lengths"], dtype=np.int64)
         self._lengths = lengths
         self._shard_of = np.empty(len(lengths), dtype=np.int64)
@@ -108,20 +103,9 @@ class ShardedFeatureCache:
         self.max_open = max_open
 
     # ------------------------------------------------------------------ properties
-    def __len__(self) -> int:
-        return len(self.meta["lengths"])
-
     @property
     def num_shards(self) -> int:
         return len(self.meta["shards"])
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.meta["hidden_size"])
-
-    @property
-    def lengths(self) -> list[int]:
-        return list(self.meta["lengths"])
 
     def _paths(self, shard: int) -> tuple[Path, Path]:
         stem = self.directory / f"shard{shard:05d}"
