@@ -50,7 +50,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,12 +57,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from vmt.checkpoint import load_checkpoint, load_state_into, read_meta_for, save_checkpoint
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import Curriculum, SubsequenceSampler, suffix_parallel_batch
-from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult
+from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult, run_steps
 from vmt.inference.windows import (
     DocumentStreams,
     StreamCursor,
@@ -441,7 +439,8 @@ class DistributedTrainer:
         return values.cpu()
 
     def train_step(self, annealing: float) -> dict:
-        """One optimiser step; returns global ``tokens``, ``elbo_sum`` and ``loss``."""
+        """One optimiser step; returns global ``tokens``, ``elbo_per_token``, ``elbo_sum`` and
+        ``loss``."""
         c = self.config
         window = None
         if self.cursor is not None:
@@ -470,51 +469,16 @@ class DistributedTrainer:
         self.step += 1
         tokens = int(totals[0])
         # the per-rank losses sum to W times the global loss (DDP averages their gradients)
-        return {"tokens": tokens, "elbo_sum": float(stats[1]), "loss": float(stats[0]) / self.world_size}
+        return {"tokens": tokens, "elbo_sum": float(stats[1]),
+                "elbo_per_token": float(stats[1]) / max(tokens, 1),
+                "loss": float(stats[0]) / self.world_size}
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> TrainResult:
-        """Train to ``config.steps``; rank 0 logs, checkpoints every ``checkpoint_every`` steps
-        and at the end."""
-        c = self.config
-        has_ckpt = self.checkpoint_dir is not None and (self.checkpoint_dir / "checkpoint.json").exists()
-        last_good = self.checkpoint_dir if has_ckpt else None
-        show = progress and self.rank == 0
-        bar = tqdm(total=c.steps, initial=self.step, disable=not show, desc="SVI", unit="step")
-        tokens_seen, t0 = 0, time.perf_counter()
-        self.vmt.train()
-        try:
-            while self.step < c.steps:
-                annealing = c.annealing(self.step)
-                out = self.train_step(annealing)
-                tokens_seen += out["tokens"]
-                if self.step % c.log_every == 0 or self.step == c.steps:
-                    elapsed = time.perf_counter() - t0
-                    record = {
-                        "step": self.step,
-                        "loss": out["loss"],
-                        "elbo_per_token": out["elbo_sum"] / max(out["tokens"], 1),
-                        "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
-                        "annealing": annealing,
-                    }
-                    self.history.append(record)
-                    bar.set_postfix(elbo_tok=f"{record['elbo_per_token']:.3f}",
-                                    tok_s=f"{record['tokens_per_second']:.0f}")
-                bar.update(1)
-                if self.checkpoint_dir is not None and self.step % c.checkpoint_every == 0:
-                    last_good = self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            saved = self.save() if self.checkpoint_dir is not None else None
-            logger.warning("interrupted at step %d; checkpoint saved to %s", self.step, saved)
-            return TrainResult(self.step, self.history, "interrupted", saved)
-        except NonFiniteLoss as err:
-            bar.close()
-            logger.error("%s; the last good checkpoint is %s", err, last_good)
-            return TrainResult(self.step, self.history, f"{err}; the last good checkpoint is kept", last_good)
-        bar.close()
-        saved = self.save() if self.checkpoint_dir is not None else None
-        return TrainResult(self.step, self.history, "completed", saved)
+        """Train to ``config.steps`` (:func:`vmt.inference.train.run_steps`); rank 0 logs and
+        shows progress, checkpoints are written every ``checkpoint_every`` steps and at the
+        end."""
+        return run_steps(self, progress and self.rank == 0)
 
 
 def distributed_fit(

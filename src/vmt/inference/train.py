@@ -253,53 +253,75 @@ class Trainer:
         elbo = float(terms.elbo_per_row().sum().detach()) / float(terms.mask.sum())
         return loss, elbo, int(terms.mask.sum()), terms, window
 
-    # -- the loop -------------------------------------------------------------------------
-    def fit(self, progress: bool = True) -> TrainResult:
+    # -- one step and the loop --------------------------------------------------------------
+    def train_step(self, annealing: float) -> dict:
+        """One optimiser step; returns ``tokens``, ``elbo_per_token`` and ``loss``."""
         c = self.config
-        last_good = self.checkpoint_dir if (self.checkpoint_dir and (self.checkpoint_dir / "checkpoint.json").exists()) else None
-        bar = tqdm(total=c.steps, initial=self.step, disable=not progress, desc="SVI", unit="step")
-        tokens_seen, t0 = 0, time.perf_counter()
-        try:
-            while self.step < c.steps:
-                annealing = c.annealing(self.step)
-                loss, elbo, tokens, terms, window = self.loss(annealing)
-                if not math.isfinite(float(loss.detach())):
-                    raise NonFiniteLoss(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}")
-                self.optimizer.zero_grad()
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], c.clip_norm
-                )
-                if not math.isfinite(float(norm)):
-                    raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
-                self.optimizer.step()
-                if window is not None:
-                    self.carried = carry_states(window, terms.x, self.carried)
-                self.step += 1
-                tokens_seen += tokens
-                elapsed = time.perf_counter() - t0
-                if self.step % c.log_every == 0 or self.step == c.steps:
-                    record = {
-                        "step": self.step, "loss": float(loss.detach()), "elbo_per_token": elbo,
-                        "tokens_per_second": tokens_seen / max(elapsed, 1e-9), "annealing": annealing,
-                    }
-                    self.history.append(record)
-                    bar.set_postfix(elbo_tok=f"{elbo:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
-                bar.update(1)
-                if self.checkpoint_dir is not None and self.step % c.checkpoint_every == 0:
-                    last_good = self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            saved = self.save()
-            logger.warning("interrupted at step %d; checkpoint saved to %s", self.step, saved)
-            return TrainResult(self.step, self.history, "interrupted", saved)
-        except NonFiniteLoss as err:
-            bar.close()
-            logger.error("%s; the last good checkpoint is %s", err, last_good)
-            return TrainResult(self.step, self.history, f"{err}; the last good checkpoint is kept", last_good)
+        loss, elbo, tokens, terms, window = self.loss(annealing)
+        if not math.isfinite(float(loss.detach())):
+            raise NonFiniteLoss(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}")
+        self.optimizer.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in self.optimizer.param_groups for p in g["params"]], c.clip_norm
+        )
+        if not math.isfinite(float(norm)):
+            raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
+        self.optimizer.step()
+        if window is not None:
+            self.carried = carry_states(window, terms.x, self.carried)
+        self.step += 1
+        return {"tokens": tokens, "elbo_per_token": elbo, "loss": float(loss.detach())}
+
+    def fit(self, progress: bool = True) -> TrainResult:
+        return run_steps(self, progress)
+
+
+def run_steps(trainer, progress: bool = True) -> TrainResult:
+    """The loop every trainer shares: ``trainer.train_step`` to ``config.steps``.
+
+    Logs every ``log_every`` steps into ``trainer.history``, checkpoints every
+    ``checkpoint_every`` steps and at the end (``trainer.save()``, which a distributed trainer
+    calls on every rank), saves on Ctrl-C, and on a non-finite loss or gradient stops and
+    keeps the last good checkpoint.
+    """
+    c = trainer.config
+    ck = trainer.checkpoint_dir
+    last_good = ck if ck is not None and (ck / "checkpoint.json").exists() else None
+    bar = tqdm(total=c.steps, initial=trainer.step, disable=not progress, desc="SVI", unit="step")
+    tokens_seen, t0 = 0, time.perf_counter()
+    trainer.vmt.train()
+    try:
+        while trainer.step < c.steps:
+            annealing = c.annealing(trainer.step)
+            out = trainer.train_step(annealing)
+            tokens_seen += out["tokens"]
+            if trainer.step % c.log_every == 0 or trainer.step == c.steps:
+                record = {
+                    "step": trainer.step, "loss": out["loss"],
+                    "elbo_per_token": out["elbo_per_token"],
+                    "tokens_per_second": tokens_seen / max(time.perf_counter() - t0, 1e-9),
+                    "annealing": annealing,
+                }
+                trainer.history.append(record)
+                bar.set_postfix(elbo_tok=f"{record['elbo_per_token']:.3f}",
+                                tok_s=f"{record['tokens_per_second']:.0f}")
+            bar.update(1)
+            if ck is not None and trainer.step % c.checkpoint_every == 0:
+                last_good = trainer.save()
+    except KeyboardInterrupt:
         bar.close()
-        saved = self.save() if self.checkpoint_dir is not None else None
-        return TrainResult(self.step, self.history, "completed", saved)
+        saved = trainer.save() if ck is not None else None
+        logger.warning("interrupted at step %d; checkpoint saved to %s", trainer.step, saved)
+        return TrainResult(trainer.step, trainer.history, "interrupted", saved)
+    except NonFiniteLoss as err:
+        bar.close()
+        logger.error("%s; the last good checkpoint is %s", err, last_good)
+        return TrainResult(trainer.step, trainer.history,
+                           f"{err}; the last good checkpoint is kept", last_good)
+    bar.close()
+    saved = trainer.save() if ck is not None else None
+    return TrainResult(trainer.step, trainer.history, "completed", saved)
 
 
 def fit(vmt, documents, config: TrainConfig, features: FeatureLookup | None = None,
