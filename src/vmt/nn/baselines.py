@@ -27,7 +27,10 @@ from vmt.nn.blocks import (
     InputEmbedding,
     RelativePositionBias,
     TransformerBlock,
+    check_step,
+    prepare_sequence,
     reverse_padded,
+    split_segments,
     valid_mask,
 )
 
@@ -144,23 +147,13 @@ class SegmentCacheTransformer(nn.Module):
         Returns:
             (batch, time, hidden).
         """
-        self.embed.check(inputs)
         c = self.config
         l, m = c.segment_length, c.cache_segments  # noqa: E741
-        batch, time = inputs.shape[:2]
-        if time < 1:
-            raise ValueError(f"inputs must have at least one time step, got shape "
-                             f"{tuple(inputs.shape)}")
-        valid = valid_mask(lengths, batch, time, device=inputs.device)
-        if reverse:
-            inputs = reverse_padded(inputs, lengths)
+        inputs, valid = prepare_sequence(self.embed, inputs, lengths, reverse)
         x = self.embed(inputs)
-        d = x.shape[-1]
-        n_seg = -(-time // l)
-        pad = n_seg * l - time
-        valid_p = torch.cat([valid, valid.new_zeros(batch, pad)], dim=1)
-        x = torch.cat([x, x.new_zeros(batch, pad, d)], dim=1).view(batch, n_seg, l, d)
-        seg_valid = valid_p.view(batch, n_seg, l)
+        batch, time, d = x.shape
+        x, seg_valid = split_segments(x, valid, l)
+        n_seg = x.shape[1]
 
         def previous(t: Tensor) -> Tensor:
             # (batch, segment, l, ...) -> (batch, segment, m*l, ...): segments s-m .. s-1,
@@ -197,17 +190,10 @@ class SegmentCacheTransformer(nn.Module):
         Returns:
             ``(hidden (batch, n, hidden), next_state)``.
         """
-        self.embed.check(inputs)
         c = self.config
         l = c.segment_length  # noqa: E741
-        batch, n = inputs.shape[:2]
-        if not 1 <= n <= l:
-            raise ValueError(f"a step takes 1 to {l} time steps, got shape {tuple(inputs.shape)}")
-        if state.memory_valid.shape[0] != batch:
-            raise ValueError(
-                f"state has batch {state.memory_valid.shape[0]}, inputs have batch {batch}"
-            )
-        valid = valid_mask(lengths, batch, n, device=inputs.device)
+        n = check_step(self.embed, inputs, l, state.memory_valid.shape[0])
+        valid = valid_mask(lengths, inputs.shape[0], n, device=inputs.device)
         x = self.embed(inputs)
         mlen = state.memory_valid.shape[1]
         q_pos = torch.arange(n, device=x.device)

@@ -213,3 +213,45 @@ def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
         idx = torch.where(t < lengths, lengths - 1 - t, t)
     idx = idx.view(batch, time, *([1] * (x.dim() - 2))).expand_as(x)
     return torch.gather(x, 1, idx)
+
+
+# -------------------------------------------------------------- segment plumbing of the stacks
+def prepare_sequence(
+    embed: InputEmbedding, inputs: Tensor, lengths: Tensor | None, reverse: bool
+) -> tuple[Tensor, Tensor]:
+    """Check ``inputs`` (batch, time[, feat]) for a whole-sequence read; returns the inputs
+    (each row's valid prefix reversed when ``reverse``) and the (batch, time) valid mask."""
+    embed.check(inputs)
+    batch, time = inputs.shape[:2]
+    if time < 1:
+        raise ValueError(f"inputs must have at least one time step, got shape {tuple(inputs.shape)}")
+    valid = valid_mask(lengths, batch, time, device=inputs.device)
+    if reverse:
+        inputs = reverse_padded(inputs, lengths)
+    return inputs, valid
+
+
+def split_segments(x: Tensor, valid: Tensor, segment_length: int) -> tuple[Tensor, Tensor]:
+    """(batch, time, hidden) and (batch, time) -> (batch, segment, l, hidden) and
+    (batch, segment, l): the last segment padded with zeros marked invalid."""
+    batch, time, d = x.shape
+    n_seg = -(-time // segment_length)
+    pad = n_seg * segment_length - time
+    if pad:
+        x = torch.cat([x, x.new_zeros(batch, pad, d)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros(batch, pad)], dim=1)
+    return x.view(batch, n_seg, segment_length, d), valid.view(batch, n_seg, segment_length)
+
+
+def check_step(embed: InputEmbedding, inputs: Tensor, segment_length: int, state_batch: int) -> int:
+    """Check the inputs of one streaming step (``1 <= n <= l`` steps, the state's batch);
+    returns ``n``."""
+    embed.check(inputs)
+    batch, n = inputs.shape[:2]
+    if not 1 <= n <= segment_length:
+        raise ValueError(
+            f"a step takes 1 to {segment_length} time steps, got shape {tuple(inputs.shape)}"
+        )
+    if state_batch != batch:
+        raise ValueError(f"state has batch {state_batch}, inputs have batch {batch}")
+    return n

@@ -26,7 +26,10 @@ from vmt.nn.blocks import (
     InputEmbedding,
     RelativePositionBias,
     TransformerBlock,
+    check_step,
+    prepare_sequence,
     reverse_padded,
+    split_segments,
     valid_mask,
 )
 
@@ -207,17 +210,6 @@ class FoldedTransformer(nn.Module):
             x = block(x, rel(q_pos, k_pos, k_valid), memory=mem)
         return x
 
-    def _prepare(self, inputs: Tensor, lengths: Tensor | None, reverse: bool):
-        self.embed.check(inputs)
-        batch, time = inputs.shape[:2]
-        if time < 1:
-            raise ValueError(f"inputs must have at least one time step, got shape "
-                             f"{tuple(inputs.shape)}")
-        valid = valid_mask(lengths, batch, time, device=inputs.device)
-        if reverse:
-            inputs = reverse_padded(inputs, lengths)
-        return inputs, valid
-
     # ------------------------------------------------------------------ public API
     def forward(
         self, inputs: Tensor, lengths: Tensor | None = None, reverse: bool = False
@@ -234,21 +226,15 @@ class FoldedTransformer(nn.Module):
             (batch, time, hidden) final-normed hidden states; ``time`` need not be a multiple
             of ``segment_length`` (the last segment is padded and masked internally).
         """
-        inputs, valid = self._prepare(inputs, lengths, reverse)
+        inputs, valid = prepare_sequence(self.embed, inputs, lengths, reverse)
         l = self.config.segment_length  # noqa: E741
         x = self.embed(inputs)  # (batch, time, hidden)
         batch, time, d = x.shape
-        n_seg = -(-time // l)
-        pad = n_seg * l - time
-        if pad:
-            x = torch.cat([x, x.new_zeros(batch, pad, d)], dim=1)
-            valid_p = torch.cat([valid, valid.new_zeros(batch, pad)], dim=1)
-        else:
-            valid_p = valid
+        x, seg_valid = split_segments(x, valid, l)
+        n_seg = x.shape[1]
         # Local stack: all segments in parallel, (batch * segment, l, hidden).
-        xs = self._local(x.reshape(batch * n_seg, l, d), valid_p.reshape(batch * n_seg, l))
+        xs = self._local(x.reshape(batch * n_seg, l, d), seg_valid.reshape(batch * n_seg, l))
         xs = xs.view(batch, n_seg, l, d)
-        seg_valid = valid_p.view(batch, n_seg, l)
         # Global stack: sequential over segments through the carry.
         state = self.initial_state(batch)
         k = self.config.grad_segments
@@ -281,16 +267,9 @@ class FoldedTransformer(nn.Module):
             partial segment (``n < l``) returns the input ``state`` unchanged, so the caller
             can call again with the completed segment (token-by-token generation).
         """
-        self.embed.check(inputs)
         l = self.config.segment_length  # noqa: E741
-        batch, n = inputs.shape[:2]
-        if not 1 <= n <= l:
-            raise ValueError(f"a step takes 1 to {l} time steps, got shape {tuple(inputs.shape)}")
-        if state.memory.shape[0] != batch:
-            raise ValueError(
-                f"state has batch {state.memory.shape[0]}, inputs have batch {batch}"
-            )
-        valid = valid_mask(lengths, batch, n, device=inputs.device)
+        n = check_step(self.embed, inputs, l, state.memory.shape[0])
+        valid = valid_mask(lengths, inputs.shape[0], n, device=inputs.device)
         x = self._local(self.embed(inputs), valid)
         out = self._global(x, valid, state)
         h = self.norm(out) * valid[..., None].to(out.dtype)
