@@ -253,6 +253,7 @@ def _play_cell(name: str, budget: int | None, sizes: BenchSizes, quick: bool) ->
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small forward calls: one thread each is fastest here
+    torch.manual_seed(0)  # the VMT's particle draws (the KV methods are deterministic)
     try:
         model, tok = load_pretrained_lm()
         positions = int(model.config.max_position_embeddings)
