@@ -85,3 +85,14 @@ def test_unrevisited_entries_fade_while_reading():
     # strength after j chunks of 10 tokens: 0.9**10 = 0.35 (kept), 0.9**20 = 0.12 (gone)
     assert reader.events.forgotten == 1
     assert len(reader.store) == 2
+
+
+def test_store_and_reads_keep_the_model_dtype():
+    vmt = small_vmt().double()
+    reader = MemoryReader(vmt, StateMemoryConfig(store_every=8, threshold=-1.0, min_age=8),
+                          window=8)
+    state = reader.read(torch.randint(0, 7, (24,)))
+    # a float32 store would round every stored state; the keys must be the states themselves
+    assert state.dtype == torch.float64 and reader.store.keys.dtype == torch.float64
+    assert reader.store.keys.device == next(vmt.parameters()).device
+    assert bool(reader.store.active.any())
