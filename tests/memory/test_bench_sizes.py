@@ -28,3 +28,11 @@ def test_sizes_and_tasks():
     assert set(SIRLLM_DECAY) == {"rps", "grocery", "passkey", "dialogue"}
     assert all(0 < d <= 1 for d in SIRLLM_DECAY.values())
     assert QUICK.budgets == (256,)
+
+
+def test_vmt_description_states_the_carried_state_beside_the_kv_caches():
+    from vmt.benchmarks.memory_tasks import _vmt_description
+
+    text = _vmt_description((16, 64), {256: 11.25, 1024: 45.0})
+    assert "16 x 64 floats (4 KB" in text and "11.2 MB for a 256-token" in text
+    assert _vmt_description(None, {256: 11.25}) == ""

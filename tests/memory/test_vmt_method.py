@@ -93,3 +93,11 @@ def test_plays_rock_paper_scissors_through_the_protocol():
 
     outcomes = play_rps(method, tokenize, ["rock", "paper", "rock", "scissors"])
     assert len(outcomes) == 4 and set(outcomes) <= {-1, 0, 1}
+
+
+def test_state_shape_is_what_a_session_carries():
+    method, _ = tiny_method(samples=4)
+    session = method.new_session()
+    session.read_tokens([3, 4, 5])
+    session.greedy_match([6])
+    assert method.state_shape == tuple(session.state.shape) == (4, 3)

@@ -76,8 +76,6 @@ METHOD_FACTORIES: dict[str, MethodFactory] = {
     "SirLLM": _sirllm,
     "VMT": TextVMTMethods(samples=16),
 }
-#: The VMT's carried state: rows (particles) x state size, float32.
-VMT_STATE_FLOATS = 16 * 64
 
 
 @dataclass(frozen=True)
@@ -266,6 +264,8 @@ def _play_cell(name: str, budget: int | None, sizes: BenchSizes, quick: bool) ->
                 factory.quick = quick
             methods = {t: factory(model, tok, budget, t) for t in SIRLLM_DECAY}
             out = _run_method(methods, tok, sizes, f"{name} at budget {budget}")
+            # what a method carries besides its window, if it says (the VMT's state)
+            out["state_shape"] = getattr(methods["rps"], "state_shape", None)
     finally:
         torch.set_num_threads(threads)
     out["positions"] = positions
@@ -273,6 +273,23 @@ def _play_cell(name: str, budget: int | None, sizes: BenchSizes, quick: bool) ->
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     out["kv_bytes_per_token"] = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
     return name, "all" if budget is None else str(budget), out
+
+
+def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float]) -> str:
+    """The VMT row's paragraph, with the size of its carried state next to the KV caches'."""
+    if state_shape is None:
+        return ""
+    rows, dim = state_shape
+    kv = ", ".join(f"{v:.1f} MB for a {b}-token float32 KV cache" for b, v in kv_mb.items())
+    return (
+        "VMT: the shared text VMT (the `text-smollm2` preset fitted with the `demo` schedule on "
+        "the embedded pydoc corpus; it has never seen these tasks' formats) reads each stream "
+        "with a window equal to the budget (its guide reads frozen SmolLM2 layer-12 features "
+        f"of at most that many tokens) and carries a state of {rows} x {dim} floats "
+        f"({rows * dim * 4 / 1024:.0f} KB, against {kv}); it answers with the model's own "
+        "predictive probability of each option given the state (a particle filter over the "
+        f"state's {rows} rows), and greedy decoding of the passkey from the same predictive."
+    )
 
 
 def run(quick: bool, figure_dir: Path) -> BenchResult:
@@ -293,6 +310,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
             results = [f.result() for f in futures]
     window = results[0][2]["positions"]
     kv_mb = {b: b * results[0][2]["kv_bytes_per_token"] / 2**20 for b in sizes.budgets}
+    vmt_state = next((r[2]["state_shape"] for r in results if r[0] == "VMT"), None)
 
     g_marks, d_marks = sizes.grocery_checkpoints, sizes.dialogue_checkpoints
     chance_d = 1 / sizes.dialogue_candidates
@@ -395,15 +413,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
             f"SirLLM decay: {SIRLLM_DECAY['rps']} for RPS, {SIRLLM_DECAY['grocery']} for "
             f"grocery (the published values) and {SIRLLM_DECAY['dialogue']} for the dialogue "
             "task (facts stated once and asked for much later, as in grocery). "
-            "VMT: the shared text VMT (the `text-smollm2` preset fitted with the `demo` "
-            "schedule on the embedded pydoc corpus; it has never seen these tasks' formats) "
-            "reads each stream with a window equal to the budget (its guide reads frozen "
-            "SmolLM2 layer-12 features of at most that many tokens) and carries a state of "
-            f"{VMT_STATE_FLOATS} floats ({VMT_STATE_FLOATS * 4 // 1024} KB, against "
-            + ", ".join(f"{v:.1f} MB for a {b}-token float32 KV cache" for b, v in kv_mb.items())
-            + "); it answers with the model's own predictive "
-            "probability of each option given the state (a particle filter over the state's "
-            "16 rows), and greedy decoding of the passkey from the same predictive.",
+            + _vmt_description(vmt_state, kv_mb),
             markdown_table(header, rows),
             " ".join(reading),
             f"![grocery recall](figures/{figs[0].name})",

@@ -274,6 +274,7 @@ class Trainer:
         return {"tokens": tokens, "elbo_per_token": elbo, "loss": float(loss.detach())}
 
     def fit(self, progress: bool = True) -> TrainResult:
+        """Train to ``config.steps`` (:func:`run_steps`)."""
         return run_steps(self, progress)
 
 

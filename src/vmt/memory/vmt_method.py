@@ -73,6 +73,11 @@ class VMTMethod:
         result.model.eval()
         return cls(name, result.model, result.vocabulary, extractor, window, samples)
 
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        """``(samples, state)``: what a session carries between reads."""
+        return (self.samples, self.vmt.config.state_dim)
+
     def new_session(self) -> VMTSession:
         return VMTSession(self)
 
