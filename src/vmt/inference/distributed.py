@@ -160,9 +160,8 @@ class SVILoss(nn.Module):
         skip: int | None,
         totals: torch.Tensor,
         world_size: int = 1,
-        with_path: bool = False,
-    ) -> tuple[torch.Tensor, ...]:
-        """Rank-local loss and the detached ELBO sum (and the sampled path).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rank-local loss, the detached ELBO sum and the sampled path.
 
         Args:
             batch: this rank's batch (on the model's device).
@@ -170,13 +169,11 @@ class SVILoss(nn.Module):
             skip: the skip length of the auxiliary skip loss (``None``: none).
             totals: ``(3,)`` counts over all ranks: tokens, carried first states, skip pairs.
             world_size: number of ranks whose gradients DDP averages.
-            with_path: also return the sampled path (the windows regime carries its last
-                states).
 
         Returns:
-            ``(loss, elbo_sum)``: scalar loss (see the module docstring) and ``sum`` of this
-            rank's per-row ELBOs (annealing 1); with ``with_path``, ``(loss, elbo_sum, x)``
-            with ``x`` the detached ``(batch, time, state)`` path.
+            ``(loss, elbo_sum, x)``: scalar loss (see the module docstring), ``sum`` of this
+            rank's per-row ELBOs (annealing 1) and the detached ``(batch, time, state)`` path
+            (the windows regime carries its last states).
         """
         if totals.shape != (3,):
             raise ValueError(f"totals must be (3,), got {tuple(totals.shape)}")
@@ -194,10 +191,7 @@ class SVILoss(nn.Module):
                     + aux["skip"] * (pairs / skip_total)
                 )
                 loss = loss + self.config.aux_weight * world_size * aux_loss
-        elbo_sum = terms.elbo_per_row().sum().detach()
-        if with_path:
-            return loss, elbo_sum, terms.x.detach()
-        return loss, elbo_sum
+        return loss, terms.elbo_per_row().sum().detach(), terms.x.detach()
 
 
 class DistributedTrainer:
@@ -450,9 +444,7 @@ class DistributedTrainer:
         init, pairs = aux_counts(batch, skip)
         counts = torch.tensor([int(batch.mask().sum()), init, pairs], dtype=torch.int64)
         totals = self._all_reduce(counts)
-        loss, elbo_sum, x = self.model(
-            batch, annealing, skip, totals, self.world_size, with_path=True
-        )
+        loss, elbo_sum, x = self.model(batch, annealing, skip, totals, self.world_size)
         self.optimizer.zero_grad()
         loss.backward()
         stats = self._all_reduce(
