@@ -39,7 +39,6 @@ from vmt.inference.windows import (  # noqa: E402
     DocumentStreams,
     StreamCursor,
     attach_carried,
-    carry_states,
     shard_order,
 )
 
@@ -94,6 +93,15 @@ def worker(argv: list[str]) -> None:
 
 
 # -- the single-process reference ------------------------------------------------------------
+def carry_states(window, x: torch.Tensor, previous: dict[int, torch.Tensor]) -> dict:
+    """Every row's last sampled state, keyed by document, merged into ``previous`` (the
+    reference keeps them all; the trainers keep only continuing documents')."""
+    merged = dict(previous)
+    for r, d in enumerate(window.documents):
+        merged[d] = x[r, window.batch.num_steps - 1].detach()
+    return merged
+
+
 class RankStreams:
     """One rank's streams as the single-process trainer walks them: DocumentStreams over the
     rank's documents (longest first), a new epoch with no carried state when they run out,
@@ -324,31 +332,28 @@ def test_killed_windows_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert torch.equal(v, resumed[k]), k
 
 
-def test_cursor_follows_the_single_process_trainer_windows():
-    # StreamCursor (which keeps only continuing documents' states) gives the windows and x0
-    # that Trainer._next_window + carry_states give, across two epochs.
-    from vmt.inference.train import Trainer
-
+def test_cursor_follows_the_reference_streams_and_keeps_only_continuing_states():
+    # StreamCursor (the windows regime of both trainers, keeping only continuing documents'
+    # states) gives the windows and x0 of the reference (every state kept), across two epochs.
     docs = documents()
-    config = windows_config(1)
-    trainer = Trainer(tiny_vmt(), docs, config)
+    reference = RankStreams(docs, 0, 1)
     cursor = StreamCursor(DocumentStreams(docs, STREAMS, WINDOW))
     g = torch.Generator().manual_seed(0)
     for _ in range(2 * 9 + 2):  # 9 windows per epoch over the six documents: into a third
-        expected, got = trainer._next_window(), cursor.next_window()
+        expected, got = reference.next(), cursor.next_window()
         assert expected.documents == got.documents and expected.offsets == got.offsets
         assert torch.equal(expected.batch.obs, got.batch.obs)
-        a = attach_carried(expected, trainer.carried, 3)
+        a = attach_carried(expected, reference.carried, 3)
         b = attach_carried(got, cursor.carried, 3)
         assert (a.x0 is None) == (b.x0 is None)
         if a.x0 is not None:
             assert torch.equal(a.x0, b.x0)
         x = torch.randn(got.batch.num_rows, got.batch.num_steps, 3, generator=g,
                         dtype=torch.float64)
-        trainer.carried = carry_states(expected, x, trainer.carried)
+        reference.carried = carry_states(expected, x, reference.carried)
         cursor.carry(got, x)
         assert len(cursor.carried) <= STREAMS
-    assert trainer.window_index == cursor.window_index == 2
+    assert reference.epochs == 2 and cursor.window_index == 2
 
 
 def test_windows_straight_from_a_memmap_corpus_train_like_the_same_documents_in_memory(tmp_path):

@@ -39,7 +39,7 @@ from vmt.inference.subsequences import (
     SubsequenceSampler,
     suffix_parallel_batch,
 )
-from vmt.inference.windows import DocumentStreams, attach_carried, batch_to, carry_states
+from vmt.inference.windows import DocumentStreams, StreamCursor, attach_carried, batch_to
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +160,11 @@ class Trainer:
         self.curriculum = Curriculum(config.min_length, config.max_length, config.steps_per_length)
         self.step = 0
         self.history: list[dict] = []
-        self.carried: dict[int, torch.Tensor] = {}
-        self.window_index = 0
-        self._windows = None
+        # the windows regime's place in the document streams and its carried states
+        self.cursor: StreamCursor | None = None
+        if config.regime == "windows":
+            self.cursor = StreamCursor(DocumentStreams(
+                self.documents, config.batch_size, config.window, features, config.overlap))
 
     # -- state ----------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -172,12 +174,13 @@ class Trainer:
             "rng.torch": torch.get_rng_state(),
             "rng.sampler": self.generator.get_state(),
         }
-        tensors.update({f"carried.{d}": x.cpu() for d, x in self.carried.items()})
+        if self.cursor is not None:
+            tensors.update({f"carried.{d}": x.cpu() for d, x in self.cursor.carried.items()})
         meta = {
             **self.meta,
             "train_config": dataclasses.asdict(self.config),
             "step": self.step,
-            "window_index": self.window_index,
+            "window_index": self.cursor.window_index if self.cursor is not None else 0,
             "history": self.history,
         }
         return save_checkpoint(self.checkpoint_dir, self.vmt, optimizer=self.optimizer, meta=meta, tensors=tensors)
@@ -195,33 +198,16 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         self.generator.set_state(ckpt.tensors["rng.sampler"])
-        self.carried = {
-            int(k.split(".", 1)[1]): v for k, v in ckpt.tensors.items() if k.startswith("carried.")
-        }
+        if self.cursor is not None:
+            carried = {int(k.split(".", 1)[1]): v.to(self._device())
+                       for k, v in ckpt.tensors.items() if k.startswith("carried.")}
+            self.cursor = StreamCursor(self.cursor.streams, int(meta.get("window_index", 0)), carried)
         self.step = int(meta["step"])
-        self.window_index = int(meta.get("window_index", 0))
         self.history = list(meta.get("history", []))
         logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
         return True
 
     # -- one step -------------------------------------------------------------------------
-    def _next_window(self):
-        if self._windows is None:
-            streams = DocumentStreams(
-                self.documents, self.config.batch_size, self.config.window, self.features,
-                self.config.overlap,
-            )
-            self._windows = iter(streams)
-            for _ in range(self.window_index):  # fast-forward after a resume
-                next(self._windows)
-        try:
-            window = next(self._windows)
-        except StopIteration:
-            self._windows, self.window_index, self.carried = None, 0, {}
-            return self._next_window()
-        self.window_index += 1
-        return window
-
     def _device(self) -> torch.device:
         """Where the model's parameters live (batches are built on the CPU and moved there)."""
         return next(self.vmt.parameters()).device
@@ -242,8 +228,8 @@ class Trainer:
             loss = -terms.elbo_per_row(annealing).mean() / lengths.mean()
             window = None
         else:
-            window = self._next_window()
-            batch = attach_carried(window, self.carried, self.vmt.config.state_dim)
+            window = self.cursor.next_window()
+            batch = attach_carried(window, self.cursor.carried, self.vmt.config.state_dim)
             batch = batch_to(batch, self._device())
             terms = elbo_terms(self.vmt, batch, c.direction)
             loss = -terms.elbo_per_row(annealing).sum() / terms.mask.sum()
@@ -269,7 +255,7 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
         self.optimizer.step()
         if window is not None:
-            self.carried = carry_states(window, terms.x, self.carried)
+            self.cursor.carry(window, terms.x)
         self.step += 1
         return {"tokens": tokens, "elbo_per_token": elbo, "loss": float(loss.detach())}
 

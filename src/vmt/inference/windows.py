@@ -124,14 +124,6 @@ class DocumentStreams:
         )
 
 
-def carry_states(window: Window, x: torch.Tensor, previous: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Last sampled state of each row, keyed by document, detached (truncated BPTT)."""
-    merged = dict(previous)
-    for r, d in enumerate(window.documents):
-        merged[d] = x[r, window.batch.num_steps - 1].detach()
-    return merged
-
-
 def attach_carried(window: Window, carried: dict[int, torch.Tensor], state_dim: int) -> ChainBatch:
     """Put the carried states of continuing rows into the window's batch as ``x0``.
 
@@ -181,11 +173,11 @@ def shard_order(lengths: Sequence[int], rank: int, world_size: int) -> list[int]
 class StreamCursor:
     """One reader's place in :class:`DocumentStreams`, across epochs, with its carried states.
 
-    The semantics of :class:`vmt.inference.train.Trainer` in the windows regime: windows are
-    taken in order; when the streams run out a new epoch starts from the first window with no
-    carried state. Unlike the trainer, :meth:`carry` keeps only the states of documents that
-    continue into the next window (the only ones :func:`attach_carried` reads), so memory
-    stays bounded by the number of streams, whatever the number of documents.
+    The windows regime of both trainers: windows are taken in order; when the streams run
+    out a new epoch starts from the first window with no carried state. :meth:`carry` keeps
+    the last sampled state (detached: truncated BPTT) of the documents that continue into the
+    next window, the only ones :func:`attach_carried` reads, so memory stays bounded by the
+    number of streams, whatever the number of documents.
 
     Args:
         streams: the streams to walk.
