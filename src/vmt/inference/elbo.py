@@ -101,7 +101,8 @@ def auxiliary_losses(terms: ElboTerms, batch: ChainBatch, skip: int | None = Non
         valid = (pos[: -t] >= batch.start[:, None]) & (pos[t:] < batch.end[:, None])
         if bool(valid.any()):
             ctx = net.skip_context(guide.context[:, 1 : batch.num_steps - t + 1], t)
-            loc, scale, combined = net.step_params(x[:, :-t], ctx)
+            ctx = net.with_target(ctx, guide.context[:, t:])
+            loc, scale, combined = net.step_params(x[:, :-t], ctx, skip=t)
             lp = guide._distribution(loc, scale, combined).log_prob(x[:, t:])
             out["skip"] = -lp[valid].mean()
     return out

@@ -66,7 +66,7 @@ def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
 
 
 def _sample_tokens(vmt, x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    if vmt.config.emission != "categorical":
+    if not vmt.config.emits_tokens:
         return vmt.emission.distribution(x).sample()
     logits = filter_logits(vmt.emission.logits(x), sampling)
     return torch.distributions.Categorical(logits=logits).sample()

@@ -59,7 +59,7 @@ def posterior_states(
     if chains < 1 or draws < 1:
         raise ValueError(f"chains and draws must be >= 1, got {chains} and {draws}")
     n = tokens.shape[0]
-    categorical = vmt.config.emission == "categorical"
+    categorical = vmt.config.emits_tokens
     if labels is not None and len(labels) != n:
         raise ValueError(f"labels has {len(labels)} entries for {n} tokens")
     paths, loglik, predictive = [], [], []

@@ -66,7 +66,7 @@ def next_token_probs(vmt, state: torch.Tensor, direction: str = "forward") -> to
     """``(vocab,)`` predictive probabilities of the next token, ``mean_s p(y | x'_s)`` with
     ``x'_s ~ p(x' | x_s)`` for the rows ``x_s`` of ``state (samples, state)`` (categorical
     emission)."""
-    if vmt.config.emission != "categorical":
+    if not vmt.config.emits_tokens:
         raise ValueError(f"next_token_probs needs a categorical emission, got {vmt.config.emission!r}")
     state = _check_state(vmt, state)
     nxt = vmt.transition_for(direction).distribution(state).sample()
@@ -102,7 +102,7 @@ def filter_continuation(
         :class:`Filtered`.
     """
     state = _check_state(vmt, state)
-    categorical = vmt.config.emission == "categorical"
+    categorical = vmt.config.emits_tokens
     if categorical:
         if tokens.dim() != 1 or tokens.is_floating_point():
             raise ValueError(f"tokens must be (time,) int64, got {tuple(tokens.shape)} {tokens.dtype}")

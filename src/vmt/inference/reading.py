@@ -185,14 +185,19 @@ def _transition(transition, x_prev: torch.Tensor):
     return transition.distribution(x_prev)
 
 
-def _window_context(net: GuideNet, feature_fn: FeatureFn, window: torch.Tensor) -> torch.Tensor:
-    """``(time, hidden)`` guide context of one window ``(time,)`` or ``(time, obs)``."""
+def _window_context(
+    net: GuideNet, feature_fn: FeatureFn, window: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """``(time, hidden)`` guide context of one window ``(time,)`` or ``(time, obs)``;
+    ``tokens (time,)`` are the emission's ids there (read by guides that read tokens)."""
     steps = window.shape[0]
     lengths = torch.tensor([steps], device=window.device)
     feats = feature_fn(window[None], lengths)
     if feats.dim() != 3 or feats.shape[:2] != (1, steps):
         raise ValueError(f"the feature function returned {tuple(feats.shape)}, expected (1, {steps}, feature)")
     ahead = (steps - torch.arange(steps, device=feats.device))[None]
+    if getattr(net, "reads_tokens", False):
+        return net.context(feats, ahead, tokens=tokens[None].to(feats.device))[0]
     return net.context(feats, ahead)[0]
 
 
@@ -231,7 +236,7 @@ def read(
     """
     config = config or ReadConfig()
     c = vmt.config
-    categorical = c.emission == "categorical"
+    categorical = c.emits_tokens
     _check_input(tokens, c.obs_dim, categorical)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -281,14 +286,18 @@ def read(
         fwd = (jump_features or flipped(feature_fn))(first[None], torch.tensor([m], device=first.device))
         # h_m summarises y_1 .. y_m; the reverse guide reads the reversed window, whose first
         # position is y_m with m tokens ahead
-        ctx = reverse_net.context(fwd[:, -1:], torch.tensor([[m]], device=fwd.device))[0, 0]
+        ahead = torch.tensor([[m]], device=fwd.device)
+        if getattr(reverse_net, "reads_tokens", False):
+            ctx = reverse_net.context(fwd[:, -1:], ahead, tokens=tokens[m - 1 : m][None])[0, 0]
+        else:
+            ctx = reverse_net.context(fwd[:, -1:], ahead)[0, 0]
         loc, scale, combined = reverse_net.first_params(ctx.expand(samples, -1))
         x_prev = _gaussian(reverse_net, loc, scale, combined).sample()
         last, windows, pos = m - 1, 1, m
         if path is not None:
             path[:, last] = x_prev
     while pos < n:
-        ctx = _window_context(net, feature_fn, feature_tokens[pos : pos + w])
+        ctx = _window_context(net, feature_fn, feature_tokens[pos : pos + w], tokens[pos : pos + w])
         step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per window
         windows += 1
         final = pos + w >= n
@@ -316,7 +325,9 @@ def read(
                     skip_ctx = step_ctx[h_pos].expand(samples, -1)
                 else:
                     skip_ctx = net.skip_context(ctx[h_pos].expand(samples, -1), step)
-                loc, scale, combined = net.step_params(x_prev, skip_ctx)
+                if step > 1:
+                    skip_ctx = net.with_target(skip_ctx, ctx[k - pos].expand(samples, -1))
+                loc, scale, combined = net.step_params(x_prev, skip_ctx, skip=step)
                 q = _gaussian(net, loc, scale, combined)
                 x = q.sample()
                 if step > 1:

@@ -42,7 +42,7 @@ class VMTMethod:
 
     def __init__(self, name: str, vmt, vocabulary, feature_fn: FeatureFn, window: int,
                  samples: int = 16) -> None:
-        if vmt.config.emission != "categorical":
+        if not vmt.config.emits_tokens:
             raise ValueError(f"a memory method needs a categorical emission, got {vmt.config.emission!r}")
         if vocabulary.size != vmt.config.obs_dim:
             raise ValueError(

@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-PriorKind = Literal["mixture", "flow"]
-TransitionKind = Literal["gated", "linear", "flow"]
-EmissionKind = Literal["categorical", "bernoulli", "gaussian"]
-GuideKind = Literal["gaussian", "flow"]
+PriorKind = Literal["mixture", "flow", "token"]
+TransitionKind = Literal["gated", "linear", "flow", "token"]
+EmissionKind = Literal["categorical", "bernoulli", "gaussian", "token"]
+GuideKind = Literal["gaussian", "flow", "token"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class VMTConfig:
         flow_layers: coupling layers in every flow.
         reverse: also build the reverse transition ``p_r(x_{k-1} | x_k)``.
         min_scale: floor added to every Gaussian scale, for numerical safety.
+        token_dim: dimension ``E`` of the token slot of the token family (prior, transition,
+            emission and guide all ``"token"``, see :mod:`vmt.models.tokens`): the state is
+            ``[memory (state_dim - E), slot (E)]``. Unused by the other families.
+        slot_scale: the token slot's noise ``s`` in the token family.
+        memory_scale: initial scale of the token family's memory step.
     """
 
     state_dim: int = 32
@@ -56,6 +61,9 @@ class VMTConfig:
     flow_layers: int = 2
     reverse: bool = False
     min_scale: float = 1e-3
+    token_dim: int = 0
+    slot_scale: float = 0.1
+    memory_scale: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("state_dim", "obs_dim", "feature_dim", "prior_components",
@@ -66,20 +74,40 @@ class VMTConfig:
         if self.emission_hidden < 0 or self.flow_layers < 0:
             raise ValueError("emission_hidden and flow_layers must be >= 0")
         choices = {
-            "emission": ("categorical", "bernoulli", "gaussian"),
-            "prior": ("mixture", "flow"),
-            "transition": ("gated", "linear", "flow"),
-            "guide": ("gaussian", "flow"),
+            "emission": ("categorical", "bernoulli", "gaussian", "token"),
+            "prior": ("mixture", "flow", "token"),
+            "transition": ("gated", "linear", "flow", "token"),
+            "guide": ("gaussian", "flow", "token"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        token_parts = [name for name in choices if getattr(self, name) == "token"]
+        if token_parts and len(token_parts) != len(choices):
+            raise ValueError(
+                f"the token family needs prior, transition, emission and guide all 'token'; "
+                f"got 'token' only for {token_parts}"
+            )
+        if token_parts and not 1 <= self.token_dim < self.state_dim:
+            raise ValueError(
+                f"the token family needs 1 <= token_dim < state_dim, got token_dim="
+                f"{self.token_dim}, state_dim={self.state_dim}"
+            )
+        if not (self.slot_scale > 0 and self.memory_scale > 0):
+            raise ValueError(
+                f"slot_scale and memory_scale must be > 0, got {self.slot_scale}, {self.memory_scale}"
+            )
         if (self.prior == "flow" or self.transition == "flow" or self.guide == "flow") and (
             self.state_dim < 2
         ):
             raise ValueError("flows need state_dim >= 2")
         if not self.min_scale > 0:
             raise ValueError(f"min_scale must be > 0, got {self.min_scale}")
+
+    @property
+    def emits_tokens(self) -> bool:
+        """Whether observations are token ids (a categorical or token-family emission)."""
+        return self.emission in ("categorical", "token")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

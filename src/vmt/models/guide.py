@@ -77,6 +77,14 @@ class GuideNet(PyroModule):
         s = torch.log(skip) / math.log(max(self.config.max_skip, 2))
         return torch.tanh(context + self.skip_proj(s.expand(context.shape[:-1]).unsqueeze(-1)))
 
+    def with_target(self, skip_context: torch.Tensor, target_context: torch.Tensor) -> torch.Tensor:
+        """The skip context for a step that lands on a position with ``target_context``.
+
+        This guide reads nothing of the target position beyond the features it started from:
+        ``skip_context`` is returned unchanged (guides that read tokens override this).
+        """
+        return skip_context
+
     def _loc_scale(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, scale = raw.chunk(2, dim=-1)
         return loc, F.softplus(scale) + self.min_scale
@@ -87,8 +95,9 @@ class GuideNet(PyroModule):
         loc, scale = self._loc_scale(self.first_head(combined))
         return loc, scale, combined
 
-    def step_params(self, x_prev: torch.Tensor, skip_context: torch.Tensor):
-        """``q(x_{k+t} | x_k, ...)`` from ``x_prev (..., state)`` and :meth:`skip_context`."""
+    def step_params(self, x_prev: torch.Tensor, skip_context: torch.Tensor, skip: int = 1):
+        """``q(x_{k+t} | x_k, ...)`` from ``x_prev (..., state)`` and :meth:`skip_context`
+        (``skip`` is ``t``; this guide reads it from the context only)."""
         combined = 0.5 * (torch.tanh(self.state_proj(x_prev)) + skip_context)
         loc, scale = self._loc_scale(self.step_head(combined))
         return loc + self.state_skip(x_prev), scale, combined

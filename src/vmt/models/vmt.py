@@ -33,6 +33,7 @@ from vmt.models.config import VMTConfig
 from vmt.models.emission import build_emission
 from vmt.models.guide import GuideNet
 from vmt.models.prior import build_prior
+from vmt.models.tokens import TokenEmission, TokenGuideNet, TokenMixture, TokenPrior, TokenTransition
 from vmt.models.transition import build_transition
 
 Direction = Literal["forward", "reverse"]
@@ -62,18 +63,33 @@ class VariationalMarkovTransformer(PyroModule):
         self.reader_spec = reader_spec
         c = config
         self.config = c
+        self.reader = reader
+        if c.transition == "token":
+            self._build_token_family(c)
+            return
         self.prior = build_prior(c.prior, c.state_dim, c.prior_components, c.flow_layers, c.transition_hidden)
         self.transition = build_transition(
             c.transition, c.state_dim, c.transition_hidden, c.flow_layers, c.min_scale
         )
         self.emission = build_emission(c.emission, c.state_dim, c.obs_dim, c.emission_hidden)
         self.guide_net = GuideNet(c)
-        self.reader = reader
         if c.reverse:
             self.reverse_transition = build_transition(
                 c.transition, c.state_dim, c.transition_hidden, c.flow_layers, c.min_scale
             )
             self.reverse_guide_net = GuideNet(c)
+
+    def _build_token_family(self, c: VMTConfig) -> None:
+        """Prior, transitions, emission and guides sharing one :class:`TokenMixture`."""
+        self.tokens = TokenMixture(c.state_dim - c.token_dim, c.token_dim, c.obs_dim,
+                                   c.emission_hidden, c.slot_scale)
+        self.prior = TokenPrior(self.tokens, c.prior_components)
+        self.transition = TokenTransition(self.tokens, c.min_scale, c.memory_scale)
+        self.emission = TokenEmission(self.tokens)
+        self.guide_net = TokenGuideNet(c, self.tokens, self.transition)
+        if c.reverse:
+            self.reverse_transition = TokenTransition(self.tokens, c.min_scale, c.memory_scale)
+            self.reverse_guide_net = TokenGuideNet(c, self.tokens, self.reverse_transition)
 
     # -- parts by direction -------------------------------------------------------------
     def transition_for(self, direction: Direction = "forward"):
@@ -106,9 +122,11 @@ class VariationalMarkovTransformer(PyroModule):
 
     def guide_context(self, batch: ChainBatch, direction: Direction = "forward") -> torch.Tensor:
         """``(batch, time, hidden)``: everything the guide needs that does not depend on ``x``."""
-        return self.guide_net_for(direction).context(
-            self.guide_features(batch), batch.ahead(), batch.source
-        )
+        net = self.guide_net_for(direction)
+        if getattr(net, "reads_tokens", False):
+            return net.context(self.guide_features(batch), batch.ahead(), batch.source,
+                               tokens=batch.obs)
+        return net.context(self.guide_features(batch), batch.ahead(), batch.source)
 
     # -- Pyro model and guide --------------------------------------------------------------
     def model(self, batch: ChainBatch, annealing: float = 1.0, direction: Direction = "forward"):
