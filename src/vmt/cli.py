@@ -83,6 +83,7 @@ def _report(result) -> None:
         f"  negative ELBO        {test.neg_elbo_per_token:.4f} nats/token\n"
         f"  IWAE-{test.particles:<3d} bound     {test.iwae_per_token:.4f} nats/token "
         f"(perplexity <= {test.perplexity_bound:.2f})\n"
+        f"{test.summary()}\n"
         f"checkpoint: {result.checkpoint}\ntraining curve: {result.curve}\n"
     )
 
@@ -141,7 +142,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"negative ELBO {res.neg_elbo_per_token:.4f} nats/token; IWAE-{res.particles} "
         f"{res.iwae_per_token:.4f} nats/token (perplexity <= {res.perplexity_bound:.2f}) "
-        f"over {res.tokens} tokens\n"
+        f"over {res.tokens} tokens\n{res.summary()}\n"
     )
     return 0
 

@@ -27,10 +27,17 @@ def test_fit_then_evaluate_from_the_checkpoint(tmp_path, capsys):
     assert main(["fit", "--model", str(model), "--schedule", str(schedule), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "negative ELBO" in printed and "IWAE-2" in printed
+    for part in ("reconstruction", "KL", "out-of-vocabulary", "explained variance", "active units"):
+        assert part in printed
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 6 and (out / "training_curve.png").stat().st_size > 0
     assert main(["evaluate", str(out), "--particles", "2"]) == 0
-    assert "nats/token" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "nats/token" in printed and "reconstruction" in printed and "explained variance" in printed
+    test = results["test"]
+    assert test["neg_elbo_per_token"] == pytest.approx(
+        test["reconstruction_per_token"] + test["kl_per_token"] + test["oov_per_token"], rel=1e-9)
+    assert len(test["per_document"]) == test["documents"]
 
 
 def test_bad_config_name_is_a_clear_error(capsys, caplog):
