@@ -172,3 +172,26 @@ def test_training_history_splits_the_negative_elbo():
     for h in result.history:
         assert -h["elbo_per_token"] == pytest.approx(
             h["reconstruction_per_token"] + h["kl_per_token"], rel=1e-5)
+
+
+@pytest.mark.parametrize("emission", ["bernoulli", "gaussian"])
+def test_vector_observations_get_every_diagnostic_but_the_token_entropy(emission):
+    obs = 6
+    config = VMTConfig(state_dim=3, obs_dim=obs, feature_dim=4, guide_hidden=8,
+                       transition_hidden=8, emission=emission, max_window=64)
+    vmt = VariationalMarkovTransformer(config).double()
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.rand(n, obs, generator=g, dtype=torch.float64) for n in (30, 45, 20)]
+    if emission == "bernoulli":
+        docs = [(d > 0.5).double() for d in docs]
+    feats = [torch.randn(len(d), 4, dtype=torch.float64) for d in docs]
+    res = evaluate(vmt, docs, lambda i: (feats[i], None), window=16, particles=3, streams=2)
+    assert res.neg_elbo_per_token == pytest.approx(
+        res.reconstruction_per_token + res.kl_per_token, rel=1e-12)
+    assert res.token_entropy is None and res.mutual_information is None
+    assert math.isfinite(res.mutual_information_nce)
+    assert len(res.explained_variance) == 3 and all(0 <= v <= 1 for v in res.explained_variance)
+    # one particle: the spread within the posterior cannot be estimated
+    single = evaluate(vmt, docs, lambda i: (feats[i], None), window=16, particles=1, streams=2)
+    assert single.explained_variance_max is None and single.explained_variance == ()
+    assert "explained variance" not in single.summary() and "KL" in single.summary()

@@ -195,12 +195,16 @@ class _Moments:
         return (spread - within / particles).clamp(min=0), within
 
 
-def _nce_terms(vmt, x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> float:
+def _nce_terms(vmt, x: torch.Tensor, y: torch.Tensor, max_elements: int = 2**22) -> float:
     """``sum_i [log p(y_i|x_i) - log mean_j p(y_i|x_j)]`` over ``N`` positions.
 
-    ``x``: ``(N, state)``, ``y``: ``(N,)`` tokens or ``(N, obs)`` observations.
+    ``x``: ``(N, state)``, ``y``: ``(N,)`` tokens or ``(N, obs)`` observations. States are
+    taken in chunks so that at most ``max_elements`` (chunk, N, obs) values exist at once (a
+    categorical emission gathers from a broadcast view and needs only (chunk, N)).
     """
     n = x.shape[0]
+    width = y[0].numel() if y.is_floating_point() else 1
+    chunk = max(1, max_elements // (n * width))
     rows = []
     for lo in range(0, n, chunk):
         emit = vmt.emission.distribution(x[lo : lo + chunk].unsqueeze(1))  # batch (chunk, 1)
