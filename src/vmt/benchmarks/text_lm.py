@@ -238,6 +238,9 @@ def vmt_rows(presets_schedules, settings: Settings = FULL, texts: list[str] | No
         out = Path(root) / "+".join(shown)
         logger.info("VMT %s + %s: %d SVI steps on at most %d tokens", preset_name, schedule_name,
                     schedule.train.steps, schedule.max_train_tokens)
+        import pyro
+
+        pyro.set_rng_seed(settings.split_seed)  # the guide's draws: the row reproduces
         result = experiment.run_text(preset, schedule, out, texts, corpus_name, resume=False,
                                      progress=False)
         if test_fingerprint is not None and result.text_run.test_corpus.fingerprint != test_fingerprint:
@@ -324,7 +327,8 @@ def _plot(rows: list[Row], intervals: dict, path: Path) -> Path:
 
 
 def run(quick: bool, figure_dir: Path, text: list[str] | None = None) -> BenchResult:
-    settings = QUICK if quick else FULL
+    # the preset list is read at run time, so an edit of VMT_PRESETS always takes effect
+    settings = replace(QUICK if quick else FULL, presets=tuple(VMT_PRESETS))
     texts, corpus = None, "pydoc"
     if text:
         from vmt.data.corpus import read_text_files
@@ -353,7 +357,7 @@ def summarise(rows: list[Row], info: dict, settings: Settings, quick: bool, figu
     vmts = [r for r in rows if r.key.startswith("vmt")]
     by_key = {r.key: r for r in rows}
     parts = [
-        f"Held-out split: {info['test_tokens']:,} tokens in {info['test_documents']} documents; "
+        f"Held-out split: {info['test_tokens']:,} tokens in {info['test_documents']} document(s); "
         f"the n-gram and GRU rows train on {info['train_tokens']:,} tokens "
         f"({info['train_documents']} documents) of "
         + ("`pydoc_data.topics`" if corpus == "pydoc" else "the given text files")
