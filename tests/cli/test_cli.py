@@ -48,8 +48,15 @@ def test_bad_config_name_is_a_clear_error(capsys, caplog):
 def test_bench_list_names_every_benchmark(capsys):
     assert main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("svi-speed", "suffix-parallel", "chorales", "text-guide"):
+    for name in ("svi-speed", "suffix-parallel", "chorales", "text-guide", "text-lm"):
         assert name in out
+
+
+def test_bench_text_is_refused_by_a_benchmark_that_takes_none(tmp_path, caplog):
+    text = tmp_path / "a.txt"
+    text.write_text("some text")
+    assert main(["bench", "svi-speed", "--quick", "--text", str(text)]) == 2
+    assert "takes no --text" in caplog.text
 
 
 @pytest.mark.lm
