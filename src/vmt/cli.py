@@ -19,9 +19,10 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     module = benchmarks.get(args.name)
     docs_file = Path(args.docs)
+    user_text = bool(getattr(args, "text", None))
     if args.figures:
         figure_dir = Path(args.figures)
-    elif args.quick or args.no_docs:
+    elif args.quick or args.no_docs or user_text:
         figure_dir = Path("runs") / "bench" / args.name  # quick plots never replace the docs' ones
     else:
         figure_dir = docs_file.parent / "figures"
@@ -33,13 +34,19 @@ def _bench(args: argparse.Namespace) -> int:
         if "data" not in inspect.signature(module.run).parameters:
             raise ValueError(f"benchmark {args.name!r} takes no --data")
         kwargs["data"] = args.data
+    if user_text:
+        import inspect
+
+        if "text" not in inspect.signature(module.run).parameters:
+            raise ValueError(f"benchmark {args.name!r} takes no --text")
+        kwargs["text"] = args.text
     result = module.run(quick=args.quick, figure_dir=figure_dir, **kwargs)
     result.config.setdefault("quick", args.quick)
     for key, value in sorted(result.metrics.items()):
         sys.stdout.write(f"{key:40s} {value:.6g}\n")
     if args.json:
         benchmarks.write_json(result, Path(args.json))
-    if not args.quick and not args.no_docs:
+    if not args.quick and not args.no_docs and not user_text:  # the page is about the default corpus
         if docs_file.parent.is_dir():
             benchmarks.update_docs(result, docs_file)
             logger.info("updated %s", docs_file)
@@ -69,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--figures", metavar="DIR", help="where plots go (default: docs/figures)")
     bench.add_argument("--no-docs", action="store_true", help="do not update the results page")
     bench.add_argument("--data", metavar="PATH", help="a data file for benchmarks that take one (chorales: the JSB pickle)")
+    bench.add_argument("--text", nargs="+", metavar="FILE",
+                       help="text files (one document each) for benchmarks that take them (text-lm); "
+                       "the results page is not updated")
     bench.set_defaults(func=_bench)
 
     for register in _COMMANDS:
@@ -83,6 +93,7 @@ def _report(result) -> None:
         f"  negative ELBO        {test.neg_elbo_per_token:.4f} nats/token\n"
         f"  IWAE-{test.particles:<3d} bound     {test.iwae_per_token:.4f} nats/token "
         f"(perplexity <= {test.perplexity_bound:.2f})\n"
+        f"{test.summary()}\n"
         f"checkpoint: {result.checkpoint}\ntraining curve: {result.curve}\n"
     )
 
@@ -141,7 +152,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"negative ELBO {res.neg_elbo_per_token:.4f} nats/token; IWAE-{res.particles} "
         f"{res.iwae_per_token:.4f} nats/token (perplexity <= {res.perplexity_bound:.2f}) "
-        f"over {res.tokens} tokens\n"
+        f"over {res.tokens} tokens\n{res.summary()}\n"
     )
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -348,7 +349,9 @@ def evaluate_checkpoint(run_dir: str | Path, particles: int | None = None, progr
 
 
 def plot_training_curve(history: list[dict], path: Path, test: EvalResult | None = None) -> Path | None:
-    """Save the training ELBO per token against steps as a PNG."""
+    """Save the training curve as a PNG: the negative ELBO per token against steps, and beside
+    it its two parts, reconstruction and KL per token (a collapsed posterior shows as a KL
+    near zero), with the held-out values as horizontal lines."""
     if not history:
         return None
     import matplotlib
@@ -357,15 +360,29 @@ def plot_training_curve(history: list[dict], path: Path, test: EvalResult | None
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    split = all("kl_per_token" in h for h in history)
+    fig, axes = plt.subplots(1, 2 if split else 1, figsize=(11 if split else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, [-h["elbo_per_token"] for h in history], label="training −ELBO / token (compact vocabulary)")
     if test is not None:
         ax.axhline(test.neg_elbo_per_token, color="C1", ls="--", label="held-out −ELBO / token (full vocabulary)")
         ax.axhline(test.iwae_per_token, color="C2", ls=":", label=f"held-out IWAE-{test.particles} / token")
     ax.set_xlabel("SVI step")
     ax.set_ylabel("nats per token")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if split:
+        ax = axes[0, 1]
+        ax.plot(steps, [h["reconstruction_per_token"] for h in history], color="C0",
+                label="training reconstruction −log p(y|x)")
+        ax.plot(steps, [h["kl_per_token"] for h in history], color="C3", label="training KL")
+        if test is not None and math.isfinite(test.kl_per_token):
+            ax.axhline(test.reconstruction_per_token, color="C0", ls="--", label="held-out reconstruction")
+            ax.axhline(test.kl_per_token, color="C3", ls="--", label="held-out KL")
+        ax.set_xlabel("SVI step")
+        ax.set_ylabel("nats per token (compact vocabulary)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

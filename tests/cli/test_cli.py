@@ -27,10 +27,17 @@ def test_fit_then_evaluate_from_the_checkpoint(tmp_path, capsys):
     assert main(["fit", "--model", str(model), "--schedule", str(schedule), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "negative ELBO" in printed and "IWAE-2" in printed
+    for part in ("reconstruction", "KL", "out-of-vocabulary", "explained variance", "active units"):
+        assert part in printed
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 6 and (out / "training_curve.png").stat().st_size > 0
     assert main(["evaluate", str(out), "--particles", "2"]) == 0
-    assert "nats/token" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "nats/token" in printed and "reconstruction" in printed and "explained variance" in printed
+    test = results["test"]
+    assert test["neg_elbo_per_token"] == pytest.approx(
+        test["reconstruction_per_token"] + test["kl_per_token"] + test["oov_per_token"], rel=1e-9)
+    assert len(test["per_document"]) == test["documents"]
 
 
 def test_bad_config_name_is_a_clear_error(capsys, caplog):
@@ -41,8 +48,15 @@ def test_bad_config_name_is_a_clear_error(capsys, caplog):
 def test_bench_list_names_every_benchmark(capsys):
     assert main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("svi-speed", "suffix-parallel", "chorales", "text-guide"):
+    for name in ("svi-speed", "suffix-parallel", "chorales", "text-guide", "text-lm"):
         assert name in out
+
+
+def test_bench_text_is_refused_by_a_benchmark_that_takes_none(tmp_path, caplog):
+    text = tmp_path / "a.txt"
+    text.write_text("some text")
+    assert main(["bench", "svi-speed", "--quick", "--text", str(text)]) == 2
+    assert "takes no --text" in caplog.text
 
 
 @pytest.mark.lm

@@ -177,8 +177,8 @@ def reference_params(steps: int, ranks: int, normalise: str = "global") -> tuple
 
 
 def without_speed(record: dict) -> dict:
-    """A history record without its wall-clock throughput."""
-    return {k: v for k, v in record.items() if k != "tokens_per_second"}
+    """A history record without its timings (throughput, wall and CPU seconds)."""
+    return {k: v for k, v in record.items() if k not in ("tokens_per_second", "seconds", "cpu_seconds")}
 
 
 def max_gap(a: dict, b: dict) -> float:

@@ -28,7 +28,7 @@ STRIDE = 64
 BIN = 256
 
 
-def _recomputed_window_nll(model, tokens: torch.Tensor, window: int, stride: int) -> torch.Tensor:
+def recomputed_window_nll(model, tokens: torch.Tensor, window: int, stride: int) -> torch.Tensor:
     """NLL (time-1,) with each scored token seeing a freshly computed window of
     ``window - stride`` to ``window - 1`` previous tokens (positions start at 0 each time)."""
     n = tokens.numel()
@@ -82,7 +82,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         logger.info("full context")
         curves["full context"] = streaming_nll(model, tokens, None, chunk_size=512).numpy()
         logger.info("recomputed window")
-        curves[f"recomputed window (stride {STRIDE})"] = _recomputed_window_nll(
+        curves[f"recomputed window (stride {STRIDE})"] = recomputed_window_nll(
             model, tokens, BUDGET, STRIDE
         ).numpy()
         logger.info("window without sinks")

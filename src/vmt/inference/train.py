@@ -105,7 +105,12 @@ class TrainResult:
     Attributes:
         steps: optimiser steps completed in total (including resumed ones).
         history: one record per logged step: ``step``, ``loss``, ``elbo_per_token``,
-            ``tokens_per_second``, ``annealing``.
+            ``tokens_per_second``, ``annealing``, ``seconds`` and ``cpu_seconds`` (wall and
+            process CPU time since this call of :func:`run_steps` began) and, when the trainer
+            reports them, the split of the negative ELBO of the step's batch:
+            ``reconstruction_per_token`` (``-sum log p(y_k|x_k) / tokens``) and
+            ``kl_per_token`` (``sum [log q(x_k|.) - log p(x_k|x_{k-1})] / tokens``, not
+            annealed).
         stopped: ``"completed"``, ``"interrupted"`` or a diagnostic of what went wrong.
         checkpoint: the last good checkpoint, if any was written.
     """
@@ -241,7 +246,8 @@ class Trainer:
 
     # -- one step and the loop --------------------------------------------------------------
     def train_step(self, annealing: float) -> dict:
-        """One optimiser step; returns ``tokens``, ``elbo_per_token`` and ``loss``."""
+        """One optimiser step; returns ``tokens``, ``elbo_per_token``, ``loss`` and the split of
+        the negative ELBO, ``reconstruction_per_token`` and ``kl_per_token``."""
         c = self.config
         loss, elbo, tokens, terms, window = self.loss(annealing)
         if not math.isfinite(float(loss.detach())):
@@ -257,7 +263,11 @@ class Trainer:
         if window is not None:
             self.cursor.carry(window, terms.x)
         self.step += 1
-        return {"tokens": tokens, "elbo_per_token": elbo, "loss": float(loss.detach())}
+        with torch.no_grad():
+            recon = -float(terms.log_lik.sum()) / tokens
+            kl = float((terms.log_guide - terms.log_latent).sum()) / tokens
+        return {"tokens": tokens, "elbo_per_token": elbo, "loss": float(loss.detach()),
+                "reconstruction_per_token": recon, "kl_per_token": kl}
 
     def fit(self, progress: bool = True) -> TrainResult:
         """Train to ``config.steps`` (:func:`run_steps`)."""
@@ -276,7 +286,7 @@ def run_steps(trainer, progress: bool = True) -> TrainResult:
     ck = trainer.checkpoint_dir
     last_good = ck if ck is not None and (ck / "checkpoint.json").exists() else None
     bar = tqdm(total=c.steps, initial=trainer.step, disable=not progress, desc="SVI", unit="step")
-    tokens_seen, t0 = 0, time.perf_counter()
+    tokens_seen, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     trainer.vmt.train()
     try:
         while trainer.step < c.steps:
@@ -289,10 +299,19 @@ def run_steps(trainer, progress: bool = True) -> TrainResult:
                     "elbo_per_token": out["elbo_per_token"],
                     "tokens_per_second": tokens_seen / max(time.perf_counter() - t0, 1e-9),
                     "annealing": annealing,
+                    "seconds": time.perf_counter() - t0,
+                    "cpu_seconds": time.process_time() - cpu0,
                 }
+                split = {k: out[k] for k in ("reconstruction_per_token", "kl_per_token") if k in out}
+                record.update(split)
                 trainer.history.append(record)
-                bar.set_postfix(elbo_tok=f"{record['elbo_per_token']:.3f}",
-                                tok_s=f"{record['tokens_per_second']:.0f}")
+                shown = {"elbo_tok": f"{record['elbo_per_token']:.3f}"}
+                if split:
+                    shown.update(rec=f"{split['reconstruction_per_token']:.3f}",
+                                 kl=f"{split['kl_per_token']:.3f}")
+                bar.set_postfix(**shown, tok_s=f"{record['tokens_per_second']:.0f}")
+                logger.debug("step %d: %s", trainer.step,
+                             ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
             bar.update(1)
             if ck is not None and trainer.step % c.checkpoint_every == 0:
                 last_good = trainer.save()
@@ -308,6 +327,11 @@ def run_steps(trainer, progress: bool = True) -> TrainResult:
                            f"{err}; the last good checkpoint is kept", last_good)
     bar.close()
     saved = trainer.save() if ck is not None else None
+    last = trainer.history[-1] if trainer.history else {}
+    if "kl_per_token" in last:
+        logger.info("step %d: training -ELBO %.4f = reconstruction %.4f + KL %.4f nats/token",
+                    last["step"], -last["elbo_per_token"], last["reconstruction_per_token"],
+                    last["kl_per_token"])
     return TrainResult(trainer.step, trainer.history, "completed", saved)
 
 
