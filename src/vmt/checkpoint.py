@@ -129,15 +129,21 @@ def check_checkpoint_path(path: str | Path) -> Path:
 def find_checkpoint(path: str | Path) -> Path | None:
     """The folder to read checkpoint ``path`` from, or ``None`` if there is none.
 
-    ``path`` itself when it is (or links to) a complete checkpoint; otherwise the newest
-    complete version left by an interrupted save (logged as a warning). Never writes.
+    ``path`` itself when it links to the newest complete version (or is a complete
+    checkpoint folder of the one-folder layout); otherwise the newest complete version left by
+    an interrupted save (logged as a warning). Never writes.
     """
     path = Path(path)
+    versions = _versions(path)
     if (path / "checkpoint.json").is_file():
-        return path
+        newest = versions[-1] if versions else None
+        if newest is None or not path.is_symlink() or path.resolve() == newest.resolve():
+            return path
+        # the save was killed between completing a version and pointing the link at it
+        logger.warning("checkpoint %s points at an older version; using the newest complete one, %s", path, newest)
+        return newest
     if path.exists() and not path.is_symlink() and not path.is_dir():
         return None
-    versions = _versions(path)
     legacy = _legacy_candidates(path)
     if not versions and not legacy:
         return None
@@ -205,6 +211,9 @@ def save_checkpoint(
         else:
             path.rmdir()
     tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=folder))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         save_file(state, str(tmp / "model.safetensors"))
         if optimizer is not None:

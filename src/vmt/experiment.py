@@ -81,6 +81,8 @@ class EncoderSpec:
     ``window``, ``overlap``). ``kind="gru"`` / ``"transformer"``: a small reverse reader over
     tokens trained from scratch with the VMT (``hidden``). ``kind="folded"``: a folded
     (segment-recurrent) transformer reading in reverse, segments of ``segment`` tokens.
+    With a trained reader, ``name="char"`` tokenises by character (printable ASCII, no LM is
+    loaded: small runs and tests); otherwise ``name``'s tokenizer is used.
     """
 
     kind: str = "lm"
@@ -100,6 +102,8 @@ class EncoderSpec:
             raise ValueError(
                 f"encoder kind must be 'lm', 'gru', 'transformer' or 'folded', got {self.kind!r}"
             )
+        if self.kind == "lm" and self.name == "char":
+            raise ValueError("encoder name 'char' (a character tokenizer) needs a trained reader, not kind 'lm'")
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,12 @@ class TextRun:
         from vmt.encoders.pretrained import load_pretrained_lm
 
         self.preset, self.schedule = preset, schedule
-        self.lm, self.tokenizer = load_pretrained_lm(preset.encoder.name)
+        if preset.encoder.name == "char":
+            from vmt.data.corpus import CharTokenizer
+
+            self.lm, self.tokenizer = None, CharTokenizer()
+        else:
+            self.lm, self.tokenizer = load_pretrained_lm(preset.encoder.name)
         corpus = tokenize(texts if texts is not None else pydoc_texts(), self.tokenizer, corpus_name)
         train, _valid, test = corpus.split(schedule.valid_fraction, schedule.test_fraction, schedule.split_seed)
         self.train_corpus = train.truncate(schedule.max_train_tokens)

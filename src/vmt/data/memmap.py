@@ -191,6 +191,8 @@ def build_memmap_corpus(
         if not p.is_file():
             raise FileNotFoundError(f"no text file at {p}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"corpus folder {out} is an existing file; give a folder path")
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = tokenizer_vocab_size(tokenizer)
     dtype = _token_dtype(vocab_size)

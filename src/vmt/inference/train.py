@@ -246,6 +246,9 @@ class Trainer:
                                  f"this model ({str(err).splitlines()[0]}); pass --restart") from err
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.learning_rate  # the run's (accepted) value, not the stored one
+        if "rng.torch" not in ckpt.tensors or "rng.sampler" not in ckpt.tensors:
+            raise ValueError(f"checkpoint {self.checkpoint_dir} was not written by training (no random-number "
+                             "states); it cannot be resumed, pass --restart")
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         self.generator.set_state(ckpt.tensors["rng.sampler"])
         if self.cursor is not None:
