@@ -72,10 +72,32 @@ def _count_fs_steps(tmp_path):
     return len(calls)
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
-def test_a_kill_at_any_step_of_a_save_resumes_from_the_newest_complete_checkpoint(tmp_path, monkeypatch, when):
+def _save_killed_at(trainer, k, when, monkeypatch):
+    """``trainer.save()`` killed just before or after its ``k``-th rename/replace/symlink."""
     import vmt.checkpoint as ck
 
+    calls = {"n": 0}
+    real = {name: getattr(os, name) for name in ("rename", "replace", "symlink")}
+
+    def killing(name, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] - 1 == k and when == "before":
+            raise Killed
+        out = real[name](*args, **kwargs)
+        if calls["n"] - 1 == k and when == "after":
+            raise Killed
+        return out
+
+    with monkeypatch.context() as m:
+        for name in real:
+            m.setattr(os, name, lambda *a, _n=name, **kw: killing(_n, *a, **kw))
+        m.setattr(ck.shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing
+        with pytest.raises(Killed):
+            trainer.save()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_kill_at_any_step_of_a_save_resumes_from_the_newest_complete_checkpoint(tmp_path, monkeypatch, when):
     steps = _count_fs_steps(tmp_path)
     assert steps >= 4  # version rename, link, link replace, pruning
     for k in range(steps):
@@ -84,24 +106,7 @@ def test_a_kill_at_any_step_of_a_save_resumes_from_the_newest_complete_checkpoin
         assert trainer.fit(progress=False).stopped == "completed"  # checkpoints of steps 2 (twice)
         trainer.config = config(steps=3)
         trainer.train_step(1.0)  # step 3 in memory
-        calls = {"n": 0}
-        real = {name: getattr(os, name) for name in ("rename", "replace", "symlink")}
-
-        def killing(name, *args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] - 1 == k and when == "before":
-                raise Killed
-            out = real[name](*args, **kwargs)
-            if calls["n"] - 1 == k and when == "after":
-                raise Killed
-            return out
-
-        with monkeypatch.context() as m:
-            for name in real:
-                m.setattr(os, name, lambda *a, _n=name, **kw: killing(_n, *a, **kw))
-            m.setattr(ck.shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing
-            with pytest.raises(Killed):
-                trainer.save()
+        _save_killed_at(trainer, k, when, monkeypatch)
         # the version folder is complete once renamed (call 0): from then on step 3 is newest
         expected = 3 if (k > 0 or when == "after") else 2
         assert load_checkpoint(folder / "ck").meta["step"] == expected, (k, when)
