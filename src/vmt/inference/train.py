@@ -230,9 +230,10 @@ class Trainer:
             return False
         from vmt.checkpoint import load_checkpoint
 
-        meta = read_meta_for(self.checkpoint_dir, self.vmt.config)
+        # the data, vocabulary and settings first: they say why a model config differs
         now = {**self.meta, "train_config": dataclasses.asdict(self.config)}
-        changed = check_resume(self.checkpoint_dir, meta, now, accept_schedule)
+        changed = check_resume(self.checkpoint_dir, read_meta(self.checkpoint_dir), now, accept_schedule)
+        read_meta_for(self.checkpoint_dir, self.vmt.config)
         if changed:
             logger.warning("resuming with a changed schedule: %s", "; ".join(changed))
         ckpt = load_checkpoint(self.checkpoint_dir, reader=self.vmt.reader, build_model=False)
