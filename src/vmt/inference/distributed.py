@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vmt.checkpoint import load_checkpoint, load_state_into, read_meta_for, save_checkpoint
+from vmt.checkpoint import find_checkpoint, load_checkpoint, load_state_into, read_meta_for, save_checkpoint
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import Curriculum, SubsequenceSampler, suffix_parallel_batch
 from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult, run_steps
@@ -355,7 +355,7 @@ class DistributedTrainer:
         window of an epoch with no carried state (training continues from the saved model and
         optimiser).
         """
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.json").exists():
+        if self.checkpoint_dir is None or find_checkpoint(self.checkpoint_dir) is None:
             return False
         meta = read_meta_for(self.checkpoint_dir, self.vmt.config)
         # the tensors as stored (rebuilding the model would cast them to float32)
