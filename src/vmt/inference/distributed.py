@@ -58,7 +58,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vmt.checkpoint import find_checkpoint, load_checkpoint, load_state_into, read_meta_for, save_checkpoint
+from vmt.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    load_state_into,
+    read_meta_for,
+    save_checkpoint,
+)
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import Curriculum, SubsequenceSampler, suffix_parallel_batch
 from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult, run_steps
