@@ -126,6 +126,17 @@ def corrupt_model(tmp, fitted):
     return evaluate_argv(tmp, run)
 
 
+def _swap_optimizer_state(run: Path) -> Path:
+    """Give the checkpoint optimizer tensors of other shapes (as if copied from another run)."""
+    from safetensors.torch import load_file, save_file
+
+    path = run / "checkpoint" / "optimizer.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.dim() else v for k, v in tensors.items()},
+              str(path))
+    return run
+
+
 def mutate(fn):
     def run(meta):
         fn(meta)
@@ -169,6 +180,11 @@ CLI_CASES = [
          r"unknown preset fields \['colour'\]"),
     Case("unknown encoder key", lambda t, f: [*fit_args(t, preset(**{"encoder.depth": 3})), "--out", str(t / "r")],
          r"unknown encoder fields \['depth'\]"),
+    Case("unknown vmt key", lambda t, f: [*fit_args(t, preset(**{"vmt.layers": 3})), "--out", str(t / "r")],
+         r"unknown vmt fields \['layers'\]"),
+    Case("vmt.state_dim as a string",
+         lambda t, f: [*fit_args(t, preset(**{"vmt.state_dim": "4"})), "--out", str(t / "r")],
+         r"vmt.state_dim must be an integer, got '4'"),
     Case("unknown schedule key", lambda t, f: [*fit_args(t, sched=schedule(epochs=3)), "--out", str(t / "r")],
          r"unknown schedule fields \['epochs'\]"),
     Case("unknown train key", lambda t, f: [*fit_args(t, sched=schedule({"lr": 0.1})), "--out", str(t / "r")],
@@ -234,6 +250,9 @@ CLI_CASES = [
     Case("resume with optimizer state from another config",
          edited(mutate(lambda m: m["optimizer"]["param_groups"][0].__setitem__("params", [0, 1])), resume_args),
          r"its optimizer state does not fit this model"),
+    Case("resume with optimizer tensors of another model",
+         lambda t, f: resume_args(t, _swap_optimizer_state(f(t))),
+         r"its optimizer state does not fit this model \(exp_avg"),
     Case("resume from a checkpoint.json that is a list",
          edited(lambda m: [m], resume_args),
          r"checkpoint.json holds a list, not an object"),

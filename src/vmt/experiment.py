@@ -122,6 +122,9 @@ class ModelPreset:
             raise ValueError(f"vocab_max_size must be an integer >= 2 (or null), got {self.vocab_max_size!r}")
         if not isinstance(self.vmt, dict):
             raise ValueError(f"the preset's vmt entry must be a JSON object, got {self.vmt!r}")
+        from vmt.models.config import VMTConfig
+
+        _checked_fields(VMTConfig, self.vmt, "vmt")
         emission = self.vmt.get("emission", "categorical")
         if emission != "categorical":
             raise ValueError(f"text runs need vmt.emission 'categorical' (token ids), got {emission!r}")

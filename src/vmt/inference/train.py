@@ -245,6 +245,12 @@ class Trainer:
             except (ValueError, KeyError, RuntimeError) as err:
                 raise ValueError(f"checkpoint {self.checkpoint_dir}: its optimizer state does not fit "
                                  f"this model ({str(err).splitlines()[0]}); pass --restart") from err
+            for p in (p for g in self.optimizer.param_groups for p in g["params"]):
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(f"checkpoint {self.checkpoint_dir}: its optimizer state does not fit this "
+                                         f"model ({key} {tuple(value.shape)} for a parameter {tuple(p.shape)}); "
+                                         "pass --restart")
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.learning_rate  # the run's (accepted) value, not the stored one
         if "rng.torch" not in ckpt.tensors or "rng.sampler" not in ckpt.tensors:
