@@ -432,10 +432,10 @@ def evaluate_checkpoint(run_dir: str | Path, particles: int | None = None, progr
     A run fitted on text files needs the same ``texts`` (checked against the stored
     fingerprint of the training split); a run on the embedded corpus takes none.
     """
-    from vmt.checkpoint import load_checkpoint
+    from vmt.checkpoint import find_checkpoint, load_checkpoint
 
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoint" if (run_dir / "checkpoint").exists() else run_dir
+    ckpt_dir = run_dir / "checkpoint" if find_checkpoint(run_dir / "checkpoint") is not None else run_dir
     ckpt = load_checkpoint(ckpt_dir)
     meta = ckpt.meta
     missing = [k for k in ("preset", "schedule", "train_config", "corpus", "vocabulary") if k not in meta]

@@ -448,7 +448,7 @@ class MemmapCorpus:
             if k in self._verified:
                 continue
             piece = raw[k * self._block_bytes : (k + 1) * self._block_bytes]
-            if k >= len(self._blocks) or hashlib.sha256(piece.tobytes()).hexdigest() != self._blocks[k]:
+            if k >= len(self._blocks) or hashlib.sha256(piece).hexdigest() != self._blocks[k]:
                 raise ValueError(f"corpus at {self.directory} is corrupt: block {k} of tokens.bin does not "
                                  "match its checksum; delete the folder and run `vmt data build` again")
             self._verified.add(k)

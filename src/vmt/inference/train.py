@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import signal
 import threading
 import time
@@ -93,9 +94,9 @@ class TrainConfig:
                     continue
             if kind is bool and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be true or false, got {value!r}")
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ValueError(f"{f.name} must be an integer, got {value!r}")
-            if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             if kind is float and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be finite, got {value!r}")
