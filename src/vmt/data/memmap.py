@@ -97,8 +97,17 @@ def _sources(paths: list[Path]) -> list[dict]:
 
 
 def _block_hashes(path: Path, block: int = BLOCK_BYTES) -> list[str]:
+    """sha256 of each ``block`` bytes of ``path``, read in 1 MiB pieces (bounded memory)."""
+    out, size = [], path.stat().st_size
     with open(path, "rb") as fh:
-        return [hashlib.sha256(piece).hexdigest() for piece in iter(lambda: fh.read(block), b"")]
+        for start in range(0, size, block):
+            h, left = hashlib.sha256(), min(block, size - start)
+            while left > 0:
+                piece = fh.read(min(left, 1 << 20))
+                h.update(piece)
+                left -= len(piece)
+            out.append(h.hexdigest())
+    return out
 
 
 def _offsets_sha256(offsets: np.ndarray) -> str:
@@ -443,12 +452,22 @@ class MemmapCorpus:
         if not self._blocks or b <= a:
             return
         item = self.tokens.dtype.itemsize
-        raw = self.tokens.view(np.uint8) if self.tokens.size else None
+        size = self.num_tokens * item
         for k in range(a * item // self._block_bytes, (b * item - 1) // self._block_bytes + 1):
             if k in self._verified:
                 continue
-            piece = raw[k * self._block_bytes : (k + 1) * self._block_bytes]
-            if k >= len(self._blocks) or hashlib.sha256(piece).hexdigest() != self._blocks[k]:
+            # read through the file, not the map: checking leaves no pages resident here
+            h = hashlib.sha256()
+            with open(self.directory / "tokens.bin", "rb") as fh:
+                fh.seek(k * self._block_bytes)
+                left = min(self._block_bytes, size - k * self._block_bytes)
+                while left > 0:
+                    piece = fh.read(min(left, 1 << 20))
+                    if not piece:
+                        break
+                    h.update(piece)
+                    left -= len(piece)
+            if k >= len(self._blocks) or h.hexdigest() != self._blocks[k]:
                 raise ValueError(f"corpus at {self.directory} is corrupt: block {k} of tokens.bin does not "
                                  "match its checksum; delete the folder and run `vmt data build` again")
             self._verified.add(k)
