@@ -306,3 +306,20 @@ def test_the_checkpoint_folder_itself_is_locked(tmp_path):
     with RunLock(tmp_path / ".ck.lock"):
         with pytest.raises(ValueError, match=rf"in use by another vmt run \(pid {os.getpid()}\)"):
             fit(tiny_vmt(), documents(), config(), checkpoint_dir=tmp_path / "ck", progress=False)
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_vmt(), documents(), config(steps=8), checkpoint_dir=tmp_path / "ck")
+    real = trainer.train_step
+
+    def twice(annealing):
+        if trainer.step == 3:  # half-way through step 4: a first and a second Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(annealing)
+
+    monkeypatch.setattr(trainer, "train_step", twice)
+    result = trainer.fit(progress=False)
+    assert result.stopped == "interrupted" and result.signal == "SIGINT" and result.steps == 3
+    assert load_checkpoint(tmp_path / "ck").meta["step"] == 2  # the half-done step is not saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
