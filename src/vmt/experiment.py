@@ -312,10 +312,12 @@ def _run_text(preset, schedule, out_dir: Path, texts, corpus_name, resume, progr
         raise TrainingStopped(f"training stopped: {result.stopped}")
     test = evaluate_text(vmt, run, vocab)
     curve = plot_training_curve(result.history, out_dir / "training_curve.png", test)
-    (out_dir / "results.json").write_text(json.dumps({
+    partial = out_dir / ".results.json.partial"  # replaced whole: a kill never leaves half a file
+    partial.write_text(json.dumps({
         "steps": result.steps, "stopped": result.stopped,
         "test": asdict(test), "test_perplexity_bound": test.perplexity_bound,
     }, indent=1))
+    partial.replace(out_dir / "results.json")
     return RunResult(result, test, result.checkpoint, curve, vmt, run, vocab)
 
 
