@@ -149,3 +149,16 @@ def test_a_corrupt_memmap_corpus_is_refused_then_rebuilt(tmp_path, built, damage
     assert "is corrupt" in caplog.text and "rebuilding it" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(again.documents, good, strict=True))
     assert again.fingerprint == corpus.fingerprint
+
+
+def test_a_corpus_built_without_input_hashes_is_rebuilt(tmp_path, built, caplog):
+    import json
+
+    text, corpus = built
+    header = json.loads((tmp_path / "c" / "header.json").read_text())
+    for source in header["sources"]:
+        del source["sha256"]  # as the earlier format wrote it
+    (tmp_path / "c" / "header.json").write_text(json.dumps(header))
+    again = build_memmap_corpus([text], CharTokenizer(), tmp_path / "c", progress=False)
+    assert "without content hashes of its inputs; rebuilding it" in caplog.text
+    assert "sha256" in again.header["sources"][0] and again.fingerprint == corpus.fingerprint

@@ -221,13 +221,18 @@ def build_memmap_corpus(
             header = json.loads(header_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             header = None
-        if isinstance(header, dict):
+        if isinstance(header, dict) and any("sha256" not in src for src in header.get("sources", [])):
+            logger.warning("corpus %s was built without content hashes of its inputs; rebuilding it", out)
+            for name in ("header.json", "tokens.bin", "offsets.npy", "progress.json"):
+                (out / name).unlink(missing_ok=True)
+        elif isinstance(header, dict):
             diff = sorted(k for k in plan if header.get(k) != plan[k])
             if diff:
                 raise ValueError(
                     f"corpus folder {out} holds a different build ({', '.join(diff)} differ); "
                     "use another folder or delete it"
                 )
+    if header_path.is_file():
         try:
             corpus = MemmapCorpus(out)
             corpus.verify()
