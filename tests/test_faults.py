@@ -323,3 +323,17 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
     assert result.stopped == "interrupted" and result.signal == "SIGINT" and result.steps == 3
     assert load_checkpoint(tmp_path / "ck").meta["step"] == 2  # the half-done step is not saved
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_distributed_trainer_refuses_other_settings_too(tmp_path):
+    from vmt.inference.distributed import distributed_fit
+
+    done = distributed_fit(tiny_vmt(), documents(), config(steps=2), checkpoint_dir=tmp_path / "ck", progress=False)
+    assert done.ok and load_checkpoint(tmp_path / "ck").meta["step"] == 2
+    with pytest.raises(ValueError, match=r"the run's settings changed \(train_config.max_length: 6 -> 7\)"):
+        distributed_fit(tiny_vmt(), documents(), config(steps=3, max_length=7), checkpoint_dir=tmp_path / "ck",
+                        progress=False)
+    # the stream layout may change (the streams restart)
+    again = distributed_fit(tiny_vmt(), documents(), config(steps=3, batch_size=3), checkpoint_dir=tmp_path / "ck",
+                            progress=False)
+    assert again.ok and again.steps == 3
