@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Variational Markov Transformer: fit, evaluate and benchmark.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser(
@@ -108,7 +109,7 @@ def _run(args: argparse.Namespace, model: str, schedule: str, out: str):
     sched = experiment.Schedule.from_dict(
         experiment.load_json(experiment.resolve_config(schedule, "inference"))
     )
-    if getattr(args, "steps", None):
+    if getattr(args, "steps", None) is not None:
         sched = experiment.Schedule(**{**sched.__dict__, "train": type(sched.train)(
             **{**sched.train.__dict__, "steps": args.steps})})
     texts, name = None, "pydoc"
@@ -116,7 +117,8 @@ def _run(args: argparse.Namespace, model: str, schedule: str, out: str):
         from vmt.data.corpus import read_text_files
 
         texts, name = read_text_files(args.text), "user-text"
-    result = experiment.run_text(preset, sched, out, texts, name, resume=not getattr(args, "restart", False))
+    result = experiment.run_text(preset, sched, out, texts, name, resume=not getattr(args, "restart", False),
+                                 accept_schedule=getattr(args, "accept_schedule", False))
     _report(result)
     return result
 
@@ -148,7 +150,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from vmt import experiment
 
     experiment.set_threads()
-    res = experiment.evaluate_checkpoint(args.run, particles=args.particles)
+    texts = None
+    if getattr(args, "text", None):
+        from vmt.data.corpus import read_text_files
+
+        texts = read_text_files(args.text)
+    res = experiment.evaluate_checkpoint(args.run, particles=args.particles, texts=texts)
     sys.stdout.write(
         f"negative ELBO {res.neg_elbo_per_token:.4f} nats/token; IWAE-{res.particles} "
         f"{res.iwae_per_token:.4f} nats/token (perplexity <= {res.perplexity_bound:.2f}) "
@@ -171,6 +178,8 @@ def _add_model_commands(sub) -> None:
     fit.add_argument("--out", default="runs/fit", help="run folder (checkpoint, curve, results)")
     fit.add_argument("--steps", type=int, help="override the number of SVI steps")
     fit.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    fit.add_argument("--accept-schedule", action="store_true",
+                     help="resume although the learning rate, clipping or annealing changed (the new values apply)")
     fit.set_defaults(func=_fit)
 
     ev = sub.add_parser(
@@ -180,6 +189,8 @@ def _add_model_commands(sub) -> None:
     )
     ev.add_argument("run", help="run folder written by `vmt fit` (or its checkpoint folder)")
     ev.add_argument("--particles", type=int, help="k of the IWAE bound")
+    ev.add_argument("--text", nargs="+", metavar="FILE",
+                    help="the text files the run was fitted on (checked against its stored fingerprint)")
     ev.set_defaults(func=_evaluate)
 
     demo = sub.add_parser(
@@ -205,15 +216,52 @@ def _add_data_commands(sub) -> None:
 _COMMANDS: list = [_add_model_commands, _add_data_commands]
 
 
+# Errors that mean the input (arguments, files, configurations) is wrong: exit code 2.
+_INPUT_ERRORS = (ValueError, KeyError, TypeError, IndexError, OSError, EOFError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, KeyError):
+        text = f"missing entry {text!r}"
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text} ({err.filename})"
+    text = " ".join(text.split()) or type(err).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _exit_code(err: BaseException) -> tuple[int, str]:
+    """The exit code and one-line message for an error that reached the command line."""
+    import pickle
+
+    from vmt.experiment import RunInterrupted, TrainingStopped
+
+    if isinstance(err, RunInterrupted):
+        return (143 if err.result.signal == "SIGTERM" else 130), _one_line(err)
+    if isinstance(err, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(err, TrainingStopped):
+        return 1, _one_line(err)
+    if isinstance(err, _INPUT_ERRORS + (pickle.UnpicklingError,)):
+        return 2, _one_line(err)
+    return 1, (f"internal error ({type(err).__name__}: {_one_line(err)}); "
+               "run again with --debug for the traceback")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        if debug:
+            raise
+        code, message = _exit_code(err)
+        logger.error("%s", message)
+        return code

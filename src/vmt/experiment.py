@@ -41,9 +41,37 @@ def resolve_config(name_or_path: str, folder: str) -> Path:
 
 def load_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _checked_fields(cls, data, what: str) -> dict:
+    """``data`` as keyword arguments of dataclass ``cls``: unknown keys and values of the
+    wrong type are a ValueError naming them."""
+    import dataclasses
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a JSON object, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown} (known: {sorted(fields)})")
+    for name, value in data.items():
+        default = fields[name].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{what}.{name} must be true or false, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, int)) and not (value is None and name == "vocab_max_size"):
+            raise ValueError(f"{what}.{name} must be an integer, got {value!r}")
+        if isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{what}.{name} must be a number, got {value!r}")
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{what}.{name} must be a string, got {value!r}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,8 @@ class EncoderSpec:
     ``window``, ``overlap``). ``kind="gru"`` / ``"transformer"``: a small reverse reader over
     tokens trained from scratch with the VMT (``hidden``). ``kind="folded"``: a folded
     (segment-recurrent) transformer reading in reverse, segments of ``segment`` tokens.
+    With a trained reader, ``name="char"`` tokenises by character (printable ASCII, no LM is
+    loaded: small runs and tests); otherwise ``name``'s tokenizer is used.
     """
 
     kind: str = "lm"
@@ -65,10 +95,16 @@ class EncoderSpec:
     segment: int = 16
 
     def __post_init__(self) -> None:
+        _checked_fields(EncoderSpec, self.__dict__, "encoder")
+        for name in ("layer", "window", "hidden", "segment"):
+            if getattr(self, name) < (0 if name == "layer" else 1):
+                raise ValueError(f"encoder.{name} must be >= {0 if name == 'layer' else 1}, got {getattr(self, name)}")
         if self.kind not in ("lm", "gru", "transformer", "folded"):
             raise ValueError(
                 f"encoder kind must be 'lm', 'gru', 'transformer' or 'folded', got {self.kind!r}"
             )
+        if self.kind == "lm" and self.name == "char":
+            raise ValueError("encoder name 'char' (a character tokenizer) needs a trained reader, not kind 'lm'")
 
 
 @dataclass(frozen=True)
@@ -80,10 +116,24 @@ class ModelPreset:
     vocab_max_size: int | None = 4096
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if self.vocab_max_size is not None and (
+                isinstance(self.vocab_max_size, bool) or not isinstance(self.vocab_max_size, int)
+                or self.vocab_max_size < 2):
+            raise ValueError(f"vocab_max_size must be an integer >= 2 (or null), got {self.vocab_max_size!r}")
+        if not isinstance(self.vmt, dict):
+            raise ValueError(f"the preset's vmt entry must be a JSON object, got {self.vmt!r}")
+        from vmt.models.config import VMTConfig
+
+        _checked_fields(VMTConfig, self.vmt, "vmt")
+        emission = self.vmt.get("emission", "categorical")
+        if emission != "categorical":
+            raise ValueError(f"text runs need vmt.emission 'categorical' (token ids), got {emission!r}")
+
     @classmethod
     def from_dict(cls, data: dict) -> ModelPreset:
-        data = dict(data)
-        enc = EncoderSpec(**data.pop("encoder", {}))
+        data = dict(_checked_fields(ModelPreset, data, "preset"))
+        enc = EncoderSpec(**_checked_fields(EncoderSpec, data.pop("encoder", {}), "encoder"))
         for derived in ("obs_dim", "feature_dim"):
             if derived in data.get("vmt", {}):
                 raise ValueError(f"{derived} is derived from the data and encoder; remove it from the preset")
@@ -104,12 +154,36 @@ class Schedule:
     eval_particles: int = 8
     reverse_steps: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("max_train_tokens", "max_test_tokens", "eval_window", "eval_particles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reverse_steps < 0:
+            raise ValueError(f"reverse_steps must be >= 0, got {self.reverse_steps}")
+
     @classmethod
     def from_dict(cls, data: dict) -> Schedule:
-        data = dict(data)
-        train = TrainConfig.from_dict(data.pop("train", {}))
+        data = dict(data) if isinstance(data, dict) else _checked_fields(Schedule, data, "schedule")
+        train = data.pop("train", {})
+        if not isinstance(train, dict):
+            raise ValueError(f"schedule.train must be a JSON object, got {train!r}")
+        train = TrainConfig.from_dict(train)
         data.pop("description", None)
-        return cls(train=train, **data)
+        return cls(train=train, **_checked_fields(Schedule, data, "schedule"))
+
+
+class RunInterrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM after saving; nothing was evaluated."""
+
+    def __init__(self, result: TrainResult):
+        self.result = result
+        saved = f"checkpoint saved to {result.checkpoint}" if result.checkpoint else "no checkpoint was saved"
+        super().__init__(f"interrupted ({result.signal or 'SIGINT'}) at step {result.steps}; {saved}; "
+                         "run the same command again to resume")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a non-finite loss, gradient or parameter (the message says what was kept)."""
 
 
 @dataclass
@@ -144,7 +218,12 @@ class TextRun:
         from vmt.encoders.pretrained import load_pretrained_lm
 
         self.preset, self.schedule = preset, schedule
-        self.lm, self.tokenizer = load_pretrained_lm(preset.encoder.name)
+        if preset.encoder.name == "char":
+            from vmt.data.corpus import CharTokenizer
+
+            self.lm, self.tokenizer = None, CharTokenizer()
+        else:
+            self.lm, self.tokenizer = load_pretrained_lm(preset.encoder.name)
         corpus = tokenize(texts if texts is not None else pydoc_texts(), self.tokenizer, corpus_name)
         train, _valid, test = corpus.split(schedule.valid_fraction, schedule.test_fraction, schedule.split_seed)
         self.train_corpus = train.truncate(schedule.max_train_tokens)
@@ -191,13 +270,29 @@ class TextRun:
 
 
 def run_text(preset: ModelPreset, schedule: Schedule, out_dir: str | Path, texts: list[str] | None = None,
-             corpus_name: str = "pydoc", resume: bool = True, progress: bool = True) -> RunResult:
-    """Fit a text VMT and evaluate it on the held-out split; writes into ``out_dir``."""
+             corpus_name: str = "pydoc", resume: bool = True, progress: bool = True,
+             accept_schedule: bool = False) -> RunResult:
+    """Fit a text VMT and evaluate it on the held-out split; writes into ``out_dir``.
+
+    The run folder is locked while this runs (a second run into it is refused). Raises
+    :class:`RunInterrupted` (after saving, without evaluating) on Ctrl-C or SIGTERM and
+    :class:`TrainingStopped` on a non-finite loss, gradient or parameter.
+    """
+    from vmt.checkpoint import RunLock
+
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"run folder {out_dir} is an existing file; give a folder path")
     out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir / ".vmt-run.lock"):
+        return _run_text(preset, schedule, out_dir, texts, corpus_name, resume, progress, accept_schedule)
+
+
+def _run_text(preset, schedule, out_dir: Path, texts, corpus_name, resume, progress, accept_schedule) -> RunResult:
     run = TextRun(preset, schedule, texts, corpus_name, progress)
     vocab = run.vocabulary()
     train_lookup, feature_dim = run.features(run.train_corpus)
+    torch.manual_seed(schedule.train.seed)  # the same command initialises the same model
     vmt = run.build_vmt(vocab, feature_dim)
     train_docs = [vocab.encode(d) for d in run.train_corpus.documents]
     meta = {
@@ -210,15 +305,20 @@ def run_text(preset: ModelPreset, schedule: Schedule, out_dir: str | Path, texts
     }
     logger.info("training on %d tokens (%d documents), vocabulary %d + <unk>",
                 run.train_corpus.num_tokens, len(run.train_corpus), vocab.size - 1)
-    result = fit(vmt, train_docs, schedule.train, train_lookup, out_dir / "checkpoint", resume, progress, meta)
+    result = fit(vmt, train_docs, schedule.train, train_lookup, out_dir / "checkpoint", resume, progress, meta,
+                 accept_schedule)
+    if result.stopped == "interrupted":
+        raise RunInterrupted(result)
     if not result.ok:
-        raise RuntimeError(f"training stopped: {result.stopped}")
+        raise TrainingStopped(f"training stopped: {result.stopped}")
     test = evaluate_text(vmt, run, vocab)
     curve = plot_training_curve(result.history, out_dir / "training_curve.png", test)
-    (out_dir / "results.json").write_text(json.dumps({
+    partial = out_dir / ".results.json.partial"  # replaced whole: a kill never leaves half a file
+    partial.write_text(json.dumps({
         "steps": result.steps, "stopped": result.stopped,
         "test": asdict(test), "test_perplexity_bound": test.perplexity_bound,
     }, indent=1))
+    partial.replace(out_dir / "results.json")
     return RunResult(result, test, result.checkpoint, curve, vmt, run, vocab)
 
 
@@ -328,24 +428,42 @@ def evaluate_text(vmt, run: TextRun, vocab) -> EvalResult:
                     particles=run.schedule.eval_particles, token_penalty=vocab.token_penalty)
 
 
-def evaluate_checkpoint(run_dir: str | Path, particles: int | None = None, progress: bool = True) -> EvalResult:
-    """Rebuild a text run from its checkpoint and evaluate it on its held-out split."""
-    from vmt.checkpoint import load_checkpoint
+def evaluate_checkpoint(run_dir: str | Path, particles: int | None = None, progress: bool = True,
+                        texts: list[str] | None = None) -> EvalResult:
+    """Rebuild a text run from its checkpoint and evaluate it on its held-out split.
+
+    A run fitted on text files needs the same ``texts`` (checked against the stored
+    fingerprint of the training split); a run on the embedded corpus takes none.
+    """
+    from vmt.checkpoint import find_checkpoint, load_checkpoint
 
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoint" if (run_dir / "checkpoint").is_dir() else run_dir
+    ckpt_dir = run_dir / "checkpoint" if find_checkpoint(run_dir / "checkpoint") is not None else run_dir
     ckpt = load_checkpoint(ckpt_dir)
     meta = ckpt.meta
+    missing = [k for k in ("preset", "schedule", "train_config", "corpus", "vocabulary") if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt_dir} has no {missing} entries: it was not written by `vmt fit` "
+                         "(load it with vmt.checkpoint.load_checkpoint)")
     preset = ModelPreset.from_dict(meta["preset"])
     sched = Schedule.from_dict({**meta["schedule"], "train": meta["train_config"]})
     if particles is not None:
         sched = Schedule(**{**sched.__dict__, "eval_particles": particles})
-    if meta["corpus"]["name"] != "pydoc":
-        raise ValueError("this checkpoint was fitted on user text; evaluate it from Python with run_text's pieces")
-    run = TextRun(preset, sched, None, "pydoc", progress)
-    if run.train_corpus.fingerprint != meta["corpus"]["fingerprint"]:
-        raise ValueError("the corpus differs from the one the checkpoint was trained on (tokenizer or data changed)")
-    return evaluate_text(ckpt.vmt, run, run.vocabulary(meta["vocabulary"]))
+    name = meta["corpus"].get("name")
+    if name == "pydoc" and texts is not None:
+        raise ValueError(f"{run_dir} was fitted on the embedded pydoc corpus; leave out --text")
+    if name != "pydoc" and texts is None:
+        raise ValueError(f"{run_dir} was fitted on your text files; pass the same files with --text")
+    run = TextRun(preset, sched, texts, name, progress)
+    if run.train_corpus.fingerprint != meta["corpus"].get("fingerprint"):
+        what = "the text files differ from" if texts is not None else "the corpus (or tokenizer) differs from"
+        raise ValueError(f"{what} the ones {run_dir} was fitted on (training-split fingerprint "
+                         f"{run.train_corpus.fingerprint[:12]} vs stored {str(meta['corpus'].get('fingerprint'))[:12]})")
+    vocab = run.vocabulary(meta["vocabulary"])
+    if vocab.size != ckpt.vmt.config.obs_dim:
+        raise ValueError(f"checkpoint {ckpt_dir}: its vocabulary has {vocab.size} entries (with <unk>) but "
+                         f"the model emits {ckpt.vmt.config.obs_dim}")
+    return evaluate_text(ckpt.vmt, run, vocab)
 
 
 def plot_training_curve(history: list[dict], path: Path, test: EvalResult | None = None) -> Path | None:

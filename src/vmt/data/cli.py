@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,14 @@ def load_tokenizer(name: str) -> Any:
     from vmt.encoders.pretrained import resolve_lm_path
 
     folder, gguf_file = resolve_lm_path(name)
+    if gguf_file is None and not Path(folder).is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"no tokenizer folder at {name} (give 'char', a folder, a .gguf file or a hub id)")
     kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load tokenizer {name!r}: {first}") from err
 
 
 def _build(args: argparse.Namespace) -> int:

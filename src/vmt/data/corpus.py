@@ -69,14 +69,17 @@ def read_text_files(paths: Iterable[str | Path], encoding: str = "utf-8") -> lis
 
     Raises:
         FileNotFoundError: if a path is not a file.
-        ValueError: if ``paths`` is empty.
+        ValueError: if ``paths`` is empty or a file is not valid text in ``encoding``.
     """
     texts = []
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no text file at {path}")
-        texts.append(path.read_text(encoding=encoding))
+        try:
+            texts.append(path.read_text(encoding=encoding))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not valid {encoding} text (byte {err.start}: {err.reason})") from None
     if not texts:
         raise ValueError("read_text_files got no paths")
     return texts
@@ -216,7 +219,9 @@ class TokenizedCorpus:
     ) -> tuple[TokenizedCorpus, TokenizedCorpus, TokenizedCorpus]:
         """Split by document into ``(train, valid, test)``.
 
-        The documents are shuffled with ``seed``; valid and test get
+        Documents with the same tokens are kept once (a logged warning says how many copies
+        were dropped), so no held-out document is a copy of a training one. The documents are
+        shuffled with ``seed``; valid and test get
         ``max(1, round(fraction * n))`` documents each, train the rest. Within each split the
         documents keep their original order. Deterministic for a given seed.
 
@@ -226,6 +231,9 @@ class TokenizedCorpus:
         for label, f in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < f < 1.0:
                 raise ValueError(f"{label} must be in (0, 1), got {f}")
+        unique = self.deduplicated()
+        if unique is not self:
+            return unique.split(valid_fraction, test_fraction, seed)
         n = len(self.documents)
         n_valid = max(1, round(valid_fraction * n))
         n_test = max(1, round(test_fraction * n))
@@ -244,6 +252,22 @@ class TokenizedCorpus:
             for label, idx in zip(names, parts, strict=True)
         )
         return train, valid, test
+
+    def deduplicated(self) -> TokenizedCorpus:
+        """The corpus with each distinct document once (first occurrence, order kept); ``self``
+        if there are no copies, else a warning is logged."""
+        seen: set[bytes] = set()
+        keep = []
+        for doc in self.documents:
+            key = hashlib.sha256(np.ascontiguousarray(doc.numpy(), dtype="<i8").tobytes()).digest()
+            if key not in seen:
+                seen.add(key)
+                keep.append(doc)
+        if len(keep) == len(self.documents):
+            return self
+        logger.warning("corpus %r: %d of %d documents are copies of others and were dropped before splitting",
+                       self.name, len(self.documents) - len(keep), len(self.documents))
+        return self._with(self.name, keep)
 
     def truncate(self, max_tokens: int) -> TokenizedCorpus:
         """The leading documents holding at most ``max_tokens`` tokens, the last one clipped."""

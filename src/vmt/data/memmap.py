@@ -5,7 +5,9 @@ A corpus folder holds::
     tokens.bin     every document's token ids back to back, little-endian uint16 (vocabularies
                    up to 65,536 ids) or uint32
     offsets.npy    (documents + 1,) int64: document ``i`` is ``tokens[offsets[i]:offsets[i+1]]``
-    header.json    format, dtype, vocabulary size, tokenizer name, counts, sources, fingerprint
+    header.json    format, dtype, vocabulary size, tokenizer name, counts, sources (with a
+                   sha256 of each input's content), fingerprint, and checksums: of
+                   offsets.npy, and of tokens.bin per block of ``BLOCK_BYTES``
 
 :func:`build_memmap_corpus` streams the input text files line by line, so memory stays bounded
 by one document (or one chunk of a file) whatever the corpus size. It is resumable: the token
@@ -19,6 +21,11 @@ memory map on demand. :class:`MemmapSampler` draws random subsequences straight 
 (same ``sample(batch_size, length)`` contract as
 :class:`vmt.inference.subsequences.SubsequenceSampler`), and :attr:`MemmapCorpus.documents` is a
 lazy ``Sequence[Tensor]`` for code that takes a list of documents.
+
+Corruption is never used: opening checks the file sizes, that the offsets rise from 0 and
+their checksum (cheap), and every block of ``tokens.bin`` is checked against its sha256 the
+first time a document in it is read (:meth:`MemmapCorpus.verify` checks them all). A build
+into a folder whose corpus is corrupt rebuilds it.
 
 The corpus :attr:`~MemmapCorpus.fingerprint` equals that of the same documents as a
 :class:`vmt.data.corpus.TokenizedCorpus`, so feature caches keyed on it agree.
@@ -51,6 +58,7 @@ __all__ = [
 ]
 
 _FORMAT = 1
+BLOCK_BYTES = 1 << 24  # tokens.bin is checksummed in blocks of 16 MiB
 Split = Literal["blank", "line", "file"]
 
 
@@ -75,8 +83,35 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
 def _sources(paths: list[Path]) -> list[dict]:
-    return [{"path": str(p), "bytes": p.stat().st_size} for p in paths]
+    """Path, size and content hash of each input (an input edited to the same size differs)."""
+    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": _file_sha256(p)} for p in paths]
+
+
+def _block_hashes(path: Path, block: int = BLOCK_BYTES) -> list[str]:
+    """sha256 of each ``block`` bytes of ``path``, read in 1 MiB pieces (bounded memory)."""
+    out, size = [], path.stat().st_size
+    with open(path, "rb") as fh:
+        for start in range(0, size, block):
+            h, left = hashlib.sha256(), min(block, size - start)
+            while left > 0:
+                piece = fh.read(min(left, 1 << 20))
+                h.update(piece)
+                left -= len(piece)
+            out.append(h.hexdigest())
+    return out
+
+
+def _offsets_sha256(offsets: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(offsets, dtype="<i8").tobytes()).hexdigest()
 
 
 def _segments(fh, split: Split, chunk_chars: int) -> Iterator[tuple[str, bool, int]]:
@@ -165,6 +200,8 @@ def build_memmap_corpus(
         if not p.is_file():
             raise FileNotFoundError(f"no text file at {p}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"corpus folder {out} is an existing file; give a folder path")
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = tokenizer_vocab_size(tokenizer)
     dtype = _token_dtype(vocab_size)
@@ -180,15 +217,31 @@ def build_memmap_corpus(
     }
     header_path = out / "header.json"
     if header_path.is_file():
-        header = json.loads(header_path.read_text())
-        diff = sorted(k for k in plan if header.get(k) != plan[k])
-        if diff:
-            raise ValueError(
-                f"corpus folder {out} holds a different build ({', '.join(diff)} differ); "
-                "use another folder or delete it"
-            )
-        logger.info("corpus %s is already built", out)
-        return MemmapCorpus(out)
+        try:
+            header = json.loads(header_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+        if isinstance(header, dict) and any("sha256" not in src for src in header.get("sources", [])):
+            logger.warning("corpus %s was built without content hashes of its inputs; rebuilding it", out)
+            for name in ("header.json", "tokens.bin", "offsets.npy", "progress.json"):
+                (out / name).unlink(missing_ok=True)
+        elif isinstance(header, dict):
+            diff = sorted(k for k in plan if header.get(k) != plan[k])
+            if diff:
+                raise ValueError(
+                    f"corpus folder {out} holds a different build ({', '.join(diff)} differ); "
+                    "use another folder or delete it"
+                )
+    if header_path.is_file():
+        try:
+            corpus = MemmapCorpus(out)
+            corpus.verify()
+            logger.info("corpus %s is already built", out)
+            return corpus
+        except (ValueError, OSError) as err:
+            logger.warning("corpus %s is corrupt (%s); rebuilding it", out, err)
+            for name in ("header.json", "tokens.bin", "offsets.npy", "progress.json"):
+                (out / name).unlink(missing_ok=True)
 
     tokens_part, offsets_part = out / "tokens.bin.partial", out / "offsets.bin.partial"
     progress_path = out / "progress.json"
@@ -300,7 +353,9 @@ def _finalise(out: Path, plan: dict, n_docs: int, n_tokens: int, dtype: np.dtype
         np.save(fh, offsets)
     os.replace(tmp, out / "offsets.npy")
     os.replace(out / "tokens.bin.partial", out / "tokens.bin")
-    header = {**plan, "num_documents": n_docs, "num_tokens": n_tokens, "fingerprint": fingerprint}
+    header = {**plan, "num_documents": n_docs, "num_tokens": n_tokens, "fingerprint": fingerprint,
+              "offsets_sha256": _offsets_sha256(offsets), "block_bytes": BLOCK_BYTES,
+              "block_sha256": _block_hashes(out / "tokens.bin")}
     _atomic_json(out / "header.json", header)
     (out / "offsets.bin.partial").unlink(missing_ok=True)
     (out / "progress.json").unlink(missing_ok=True)
@@ -362,21 +417,69 @@ class MemmapCorpus:
                 f"no built corpus at {self.directory} (header.json missing; an unfinished build "
                 "is completed by running the build again)"
             )
-        self.header: dict = json.loads(header_path.read_text())
-        if self.header.get("format") != _FORMAT:
+        corrupt = f"corpus at {self.directory} is corrupt"
+        rebuild = "delete the folder and run `vmt data build` again"
+        try:
+            self.header: dict = json.loads(header_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{corrupt}: header.json is not valid JSON ({err}); {rebuild}") from None
+        if not isinstance(self.header, dict) or self.header.get("format") != _FORMAT:
             raise ValueError(f"corpus at {self.directory} has an unknown format")
         self.name = name or self.directory.name
         self.vocab_size = int(self.header["vocab_size"])
         self.tokenizer_name = str(self.header["tokenizer_name"])
         self.fingerprint = str(self.header["fingerprint"])
-        self.offsets = np.load(self.directory / "offsets.npy", mmap_mode="r")
+        try:
+            self.offsets = np.load(self.directory / "offsets.npy", mmap_mode="r")
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{corrupt}: offsets.npy is unreadable ({err}); {rebuild}") from None
         n = int(self.header["num_tokens"])
-        if len(self.offsets) != int(self.header["num_documents"]) + 1 or int(self.offsets[-1]) != n:
-            raise ValueError(f"corpus at {self.directory} has offsets that disagree with its header")
-        self.tokens = np.memmap(
-            self.directory / "tokens.bin", dtype=np.dtype(self.header["dtype"]), mode="r", shape=(n,)
-        )
+        dtype = np.dtype(self.header["dtype"])
+        if self.offsets.ndim != 1 or len(self.offsets) != int(self.header["num_documents"]) + 1 \
+                or int(self.offsets[-1]) != n or int(self.offsets[0]) != 0:
+            raise ValueError(f"{corrupt}: offsets.npy disagrees with header.json; {rebuild}")
+        if "offsets_sha256" in self.header and _offsets_sha256(self.offsets) != self.header["offsets_sha256"]:
+            raise ValueError(f"{corrupt}: offsets.npy does not match its checksum; {rebuild}")
+        if bool(np.any(np.diff(self.offsets) < 0)):
+            raise ValueError(f"{corrupt}: offsets.npy gives negative document lengths; {rebuild}")
+        size = (self.directory / "tokens.bin").stat().st_size
+        if size != n * dtype.itemsize:
+            raise ValueError(f"{corrupt}: tokens.bin has {size} bytes, the header says "
+                             f"{n * dtype.itemsize}; {rebuild}")
+        self.tokens = np.memmap(self.directory / "tokens.bin", dtype=dtype, mode="r", shape=(n,))
+        self._blocks = self.header.get("block_sha256")
+        self._block_bytes = int(self.header.get("block_bytes", BLOCK_BYTES))
+        self._verified: set[int] = set()
         self.documents = DocumentView(self)
+
+    def _check_tokens(self, a: int, b: int) -> None:
+        """Verify (once per process) the checksum of every block holding tokens ``[a, b)``."""
+        if not self._blocks or b <= a:
+            return
+        item = self.tokens.dtype.itemsize
+        size = self.num_tokens * item
+        for k in range(a * item // self._block_bytes, (b * item - 1) // self._block_bytes + 1):
+            if k in self._verified:
+                continue
+            # read through the file, not the map: checking leaves no pages resident here
+            h = hashlib.sha256()
+            with open(self.directory / "tokens.bin", "rb") as fh:
+                fh.seek(k * self._block_bytes)
+                left = min(self._block_bytes, size - k * self._block_bytes)
+                while left > 0:
+                    piece = fh.read(min(left, 1 << 20))
+                    if not piece:
+                        break
+                    h.update(piece)
+                    left -= len(piece)
+            if k >= len(self._blocks) or h.hexdigest() != self._blocks[k]:
+                raise ValueError(f"corpus at {self.directory} is corrupt: block {k} of tokens.bin does not "
+                                 "match its checksum; delete the folder and run `vmt data build` again")
+            self._verified.add(k)
+
+    def verify(self) -> None:
+        """Check every block of ``tokens.bin`` against its checksum (reads the whole file)."""
+        self._check_tokens(0, self.num_tokens)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -405,6 +508,7 @@ class MemmapCorpus:
     def document(self, i: int) -> torch.Tensor:
         """Document ``i``: ``(time,)`` int64 (a copy out of the map)."""
         a, b = self._bounds(i)
+        self._check_tokens(a, b)
         return torch.from_numpy(self.tokens[a:b].astype(np.int64))
 
     def slice(self, i: int, start: int, stop: int) -> torch.Tensor:
@@ -412,6 +516,7 @@ class MemmapCorpus:
         a, b = self._bounds(i)
         if not 0 <= start < stop <= b - a:
             raise ValueError(f"slice [{start}, {stop}) is not inside document {i} of {b - a} tokens")
+        self._check_tokens(a + start, a + stop)
         return torch.from_numpy(self.tokens[a + start : a + stop].astype(np.int64))
 
     def sample_documents(self, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -92,14 +92,18 @@ def pitches_to_roll(sequence: Sequence[Sequence[int]]) -> torch.Tensor:
     """Turn a sequence of chords (tuples of MIDI pitches) into a ``(time, 88)`` piano roll.
 
     Raises:
-        ValueError: if a pitch is outside 21..108 or the sequence is empty.
+        ValueError: if a pitch is not an integer or outside 21..108, or the sequence is empty.
     """
     if len(sequence) == 0:
         raise ValueError("cannot make a piano roll from an empty sequence")
     roll = torch.zeros(len(sequence), NUM_PITCHES, dtype=torch.float32)
     for t, chord in enumerate(sequence):
         for pitch in chord:
+            if isinstance(pitch, str | bytes | bool) or not isinstance(pitch, int | float | np.number):
+                raise ValueError(f"MIDI pitch {pitch!r} at step {t} is not a number")
             p = int(pitch)
+            if p != pitch:
+                raise ValueError(f"MIDI pitch {pitch!r} at step {t} is not an integer")
             if not LOWEST_PITCH <= p < LOWEST_PITCH + NUM_PITCHES:
                 raise ValueError(
                     f"MIDI pitch {p} at step {t} is outside "
@@ -138,7 +142,13 @@ def load_jsb_chorales(path: str | Path) -> dict[str, list[torch.Tensor]]:
     path = Path(path)
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    raw = _safe_load(data)
+    try:
+        raw = _safe_load(data)
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{path}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, OverflowError, MemoryError) as err:
+        raise ValueError(f"{path} is not a JSB-format pickle ({type(err).__name__}: {err})") from None
     if not isinstance(raw, dict) or not all(k in raw for k in SPLITS):
         keys = sorted(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{path.name}: expected a dict with keys {SPLITS}, got {keys}")

@@ -25,6 +25,9 @@ class Vocabulary:
     full_size: int
 
     def __post_init__(self) -> None:
+        bad = [k for k in self.kept if isinstance(k, bool) or not isinstance(k, int)]
+        if bad:
+            raise ValueError(f"vocabulary ids must be integers, got {bad[0]!r}")
         if len(self.kept) >= self.full_size:
             raise ValueError("a compact vocabulary must merge at least one id into <unk>")
         if list(self.kept) != sorted(set(self.kept)):

@@ -23,6 +23,12 @@ Layout: ``cache_dir()/features/<key>/`` with ``meta.json`` and one safetensors f
 document (``features`` ``(time, hidden)`` in the stored dtype, ``ahead`` ``(time,)`` int64).
 Every file is written to a temporary name and renamed, so an interrupted build leaves only
 complete documents and the next build computes just the missing ones.
+
+Integrity: each document file has a sidecar ``docNNNNNN.sha256`` (its size and sha256,
+written after it: a document without one is not complete). Opening checks every size
+(cheap); the first read of a document in a process checks its sha256. A document that fails
+either check is never used: :meth:`FeatureCache.build` recomputes it, and a lookup raises a
+ValueError naming it and removes its sidecar so that the next build recomputes it.
 """
 
 from __future__ import annotations
@@ -38,8 +44,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 
 from vmt.data.corpus import TokenizedCorpus
 from vmt.paths import cache_dir
@@ -121,19 +127,49 @@ def _atomic_write_bytes(target: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def _write_document(target: Path, features: torch.Tensor, ahead: torch.Tensor, meta: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name.split(".", 1)[0] + ".sha256")
+
+
+def _write_checked(target: Path, data: bytes, sidecar: Path | None = None) -> None:
+    """Write ``data`` atomically, then its size and sha256 into ``sidecar`` (which marks it complete)."""
+    _atomic_write_bytes(target, data)
+    record = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _atomic_write_bytes(sidecar or _sidecar(target), json.dumps(record).encode())
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def file_problem(path: Path, sidecar: Path, full: bool) -> str | None:
+    """Why ``path`` does not match its ``sidecar`` record (size; with ``full`` also sha256),
+    or ``None`` if it does."""
     try:
-        save_file(
-            {"features": features.contiguous(), "ahead": ahead.contiguous()},
-            tmp,
-            metadata={k: str(v) for k, v in meta.items()},
-        )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        record = json.loads(sidecar.read_text())
+        size, digest = int(record["bytes"]), str(record["sha256"])
+    except FileNotFoundError:
+        return "not complete (no checksum record)"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "its checksum record is unreadable"
+    if not path.is_file():
+        return "missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"{actual} bytes instead of {size}"
+    if full and _file_sha256(path) != digest:
+        return "its content does not match its checksum"
+    return None
+
+
+def _write_document(target: Path, features: torch.Tensor, ahead: torch.Tensor, meta: dict) -> None:
+    data = save({"features": features.contiguous(), "ahead": ahead.contiguous()},
+                metadata={k: str(v) for k, v in meta.items()})
+    _write_checked(target, data)
 
 
 def _check_finite(features: torch.Tensor, doc: int, stage: str) -> None:
@@ -159,8 +195,12 @@ class CacheFolder:
         meta_path = self.directory / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"no {self.kind} at {self.directory} (meta.json missing)")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != self.format_version:
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{self.kind} at {self.directory} is corrupt: meta.json is not valid JSON "
+                             f"({err}); delete the folder to rebuild it") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != self.format_version:
             raise ValueError(f"{self.kind} at {self.directory} has an unknown format")
         if corpus is not None and corpus.fingerprint != self.meta["corpus"]:
             raise ValueError(
@@ -203,8 +243,33 @@ class FeatureCache(CacheFolder):
 
     def __init__(self, directory: str | Path, corpus: TokenizedCorpus | None = None) -> None:
         self._read_meta(directory, corpus)
-        missing = [i for i in range(len(self)) if not self._doc_path(i).is_file()]
+        self._verified: set[int] = set()
+        missing = [i for i in range(len(self)) if self._doc_problem(i) is not None]
         self._require_complete(missing, len(self), "documents")
+
+    def _doc_problem(self, i: int, full: bool = False) -> str | None:
+        path = self._doc_path(i)
+        return file_problem(path, _sidecar(path), full)
+
+    def _verify(self, i: int) -> None:
+        """Check document ``i``'s file against its checksum (once per process)."""
+        if i in getattr(self, "_verified", set()):
+            return
+        problem = self._doc_problem(i, full=True)
+        if problem is not None:
+            _sidecar(self._doc_path(i)).unlink(missing_ok=True)  # the next build recomputes it
+            raise ValueError(f"feature cache {self.directory}: document {i} is corrupt ({problem}); "
+                             "it is rebuilt by the next run")
+        self._verified.add(i)
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        self._verify(i)
+        try:
+            return load_file(self._doc_path(i))
+        except (SafetensorError, OSError) as err:
+            _sidecar(self._doc_path(i)).unlink(missing_ok=True)
+            raise ValueError(f"feature cache {self.directory}: document {i} is unreadable ({err}); "
+                             "it is rebuilt by the next run") from None
 
     @classmethod
     def open(cls, directory: str | Path, corpus: TokenizedCorpus | None = None) -> FeatureCache:
@@ -240,11 +305,11 @@ class FeatureCache(CacheFolder):
         path = self._doc_path(i)
         if not path.is_file():
             raise FileNotFoundError(f"document {i} is missing from the feature cache {path.parent}")
-        data = load_file(path)
+        data = self._load(i)
         features, ahead = data["features"].float(), data["ahead"]
-        if features.shape != (self.lengths[i], self.hidden_size):
+        if features.shape != (self.lengths[i], self.hidden_size) or ahead.shape != (self.lengths[i],):
             raise ValueError(
-                f"cached document {i} has features {tuple(features.shape)}, expected "
+                f"cached document {i} has features {tuple(features.shape)} and ahead {tuple(ahead.shape)}, expected "
                 f"({self.lengths[i]}, {self.hidden_size})"
             )
         return features, ahead
@@ -263,6 +328,7 @@ class FeatureCache(CacheFolder):
             raise ValueError(
                 f"slice [{start}, {stop}) is not inside document {i} of {length} tokens"
             )
+        self._verify(i)
         with safe_open(self._doc_path(i), framework="pt") as fh:
             features = fh.get_slice("features")[start:stop]
             ahead = fh.get_slice("ahead")[start:stop]
@@ -272,7 +338,7 @@ class FeatureCache(CacheFolder):
         """Every document as stored (``features`` in the stored dtype), for in-memory use."""
         out = []
         for i in range(len(self)):
-            data = load_file(self._doc_path(i))
+            data = self._load(i)
             out.append((data["features"], data["ahead"]))
         return out
 
@@ -352,8 +418,13 @@ class FeatureCache(CacheFolder):
             "lengths": corpus.lengths,
         }
         meta_path = directory / "meta.json"
+        old = None
         if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
+            try:
+                old = json.loads(meta_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                logger.warning("feature cache %s: meta.json is corrupt; rebuilding the cache", directory)
+        if isinstance(old, dict):
             diff = sorted(k for k in meta if k != "corpus_name" and old.get(k) != meta[k])
             if diff:
                 raise ValueError(
@@ -365,7 +436,12 @@ class FeatureCache(CacheFolder):
         cache_self = cls.__new__(cls)
         cache_self.directory, cache_self.meta = directory, meta
 
-        pending = [i for i in range(len(corpus)) if not cache_self._doc_path(i).is_file()]
+        pending = [i for i in range(len(corpus)) if cache_self._doc_problem(i) is not None]
+        corrupt = [i for i in pending if cache_self._doc_path(i).is_file()]
+        if corrupt:
+            logger.warning("feature cache %s: %d documents are incomplete or corrupt (first %s: %s); "
+                           "recomputing them", directory.name, len(corrupt), corrupt[0],
+                           cache_self._doc_problem(corrupt[0]))
         if pending:
             logger.info(
                 "feature cache %s: computing %d of %d documents",

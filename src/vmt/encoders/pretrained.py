@@ -82,6 +82,10 @@ def resolve_lm_path(name: str = DEFAULT_LM) -> tuple[str, str | None]:
     return name, None
 
 
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or Path(name).exists() or name.count("/") > 1
+
+
 def load_pretrained_lm(
     name: str = DEFAULT_LM,
     *,
@@ -104,10 +108,16 @@ def load_pretrained_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file = resolve_lm_path(name)
+    if gguf_file is None and name != DEFAULT_LM and _looks_like_path(name) and not Path(name).is_dir():
+        raise FileNotFoundError(f"no language model folder at {name} (give a folder, a .gguf file or a hub id)")
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the language model {name!r}: {first}") from err
     model.to(device).eval()
     return model, tokenizer

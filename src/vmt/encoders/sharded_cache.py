@@ -11,12 +11,17 @@ out for corpora of millions of documents::
 
 A shard holds the consecutive documents whose tokens fill about ``shard_tokens`` positions
 (a document is never split). Shards are computed one at a time; each file is written to a
-temporary name and renamed, the ``ahead`` file last, so a shard with an ``ahead`` file is
-complete. A build that is interrupted (killed, or an exception) leaves only complete shards,
+temporary name and renamed, then a record of both files' sizes and sha256
+(``shard00000.sha256``) is written last, so a shard with a record is complete. A build that is interrupted (killed, or an exception) leaves only complete shards,
 and running it again computes just the missing ones: the result is the same as an
 uninterrupted build.
 
 Lookups memory-map the shard files: reading a document touches only its rows.
+
+Integrity: opening checks every shard's file sizes against its record (cheap); the first
+lookup in a shard checks both files' sha256 and their shapes. A shard that fails is never
+used: :meth:`ShardedFeatureCache.build` recomputes it, and a lookup raises a ValueError naming
+it and removes its record so that the next build recomputes it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from vmt.encoders.cache import (
     _ahead,
     _atomic_write_bytes,
     _check_finite,
+    _file_sha256,
     plan_windows,
 )
 
@@ -111,16 +117,52 @@ class ShardedFeatureCache(CacheFolder):
         stem = self.directory / f"shard{shard:05d}"
         return stem.with_name(stem.name + ".features.npy"), stem.with_name(stem.name + ".ahead.npy")
 
+    def _record_path(self, shard: int) -> Path:
+        return self.directory / f"shard{shard:05d}.sha256"
+
+    def _problem(self, shard: int, full: bool = False) -> str | None:
+        """Why shard ``shard`` is not usable (sizes; with ``full`` also sha256), or ``None``."""
+        try:
+            record = json.loads(self._record_path(shard).read_text())
+        except FileNotFoundError:
+            return "not complete (no checksum record)"
+        except (ValueError, OSError):
+            return "its checksum record is unreadable"
+        for path in self._paths(shard):
+            entry = record.get(path.name) if isinstance(record, dict) else None
+            if not isinstance(entry, dict) or not path.is_file():
+                return f"{path.name} is missing"
+            if path.stat().st_size != entry.get("bytes"):
+                return f"{path.name} has {path.stat().st_size} bytes instead of {entry.get('bytes')}"
+            if full and _file_sha256(path) != entry.get("sha256"):
+                return f"{path.name} does not match its checksum"
+        return None
+
     def _done(self, shard: int) -> bool:
-        feats, ahead = self._paths(shard)
-        return feats.is_file() and ahead.is_file()
+        return self._problem(shard) is None
+
+    def _corrupt(self, shard: int, problem: str):
+        self._record_path(shard).unlink(missing_ok=True)  # the next build recomputes the shard
+        return ValueError(f"{self.kind} {self.directory}: shard {shard} is corrupt ({problem}); "
+                          "it is rebuilt by the next build")
 
     def _maps(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
+        problem = self._problem(shard, full=True)
+        if problem is not None:
+            raise self._corrupt(shard, problem)
         feats, ahead = self._paths(shard)
-        maps = (np.load(feats, mmap_mode="r"), np.load(ahead, mmap_mode="r"))
+        try:
+            maps = (np.load(feats, mmap_mode="r"), np.load(ahead, mmap_mode="r"))
+        except (ValueError, OSError, EOFError) as err:
+            raise self._corrupt(shard, f"unreadable: {err}") from None
+        a, b = self.meta["shards"][shard]
+        rows = int(self._lengths[a:b].sum())
+        if maps[0].shape != (rows, self.hidden_size) or maps[1].shape != (rows,):
+            raise self._corrupt(shard, f"features {maps[0].shape} and ahead {maps[1].shape}, expected "
+                                       f"({rows}, {self.hidden_size}) and ({rows},)")
         self._open[shard] = maps
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)
@@ -216,8 +258,13 @@ class ShardedFeatureCache(CacheFolder):
             "shards": [list(s) for s in shards],
         }
         meta_path = directory / "meta.json"
+        old = None
         if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
+            try:
+                old = json.loads(meta_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                logger.warning("sharded feature cache %s: meta.json is corrupt; rebuilding", directory)
+        if isinstance(old, dict):
             diff = sorted(k for k in meta if old.get(k) != meta[k])
             if diff:
                 raise ValueError(
@@ -229,6 +276,10 @@ class ShardedFeatureCache(CacheFolder):
         cache = cls.__new__(cls)
         cache.directory, cache.meta = directory, meta
         pending = [s for s in range(len(shards)) if not cache._done(s)]
+        corrupt = [s for s in pending if any(p.exists() for p in cache._paths(s))]
+        if corrupt:
+            logger.warning("sharded feature cache %s: %d shards are incomplete or corrupt (first %d: %s); "
+                           "recomputing them", directory, len(corrupt), corrupt[0], cache._problem(corrupt[0]))
         device = next((p.device for p in extractor.parameters()), torch.device("cpu"))
         bar = tqdm(total=sum(sum(lengths[a:b]) for a, b in (shards[s] for s in pending)),
                    unit="tok", desc="features", disable=not progress)
@@ -245,7 +296,11 @@ class ShardedFeatureCache(CacheFolder):
                 _check_finite(stored.float(), a, f"in shard {s} after conversion to {dtype}")
                 f_path, a_path = cache._paths(s)
                 _save_npy(f_path, stored.numpy())
-                _save_npy(a_path, ahead.numpy())  # written last: marks the shard complete
+                _save_npy(a_path, ahead.numpy())
+                record = {p.name: {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
+                          for p in (f_path, a_path)}
+                # written last: marks the shard complete
+                _atomic_write_bytes(cache._record_path(s), json.dumps(record).encode())
                 bar.update(int(feats.shape[0]))
                 if on_shard is not None:
                     on_shard(s)

@@ -58,7 +58,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vmt.checkpoint import load_checkpoint, load_state_into, read_meta_for, save_checkpoint
+from vmt.checkpoint import (
+    check_resume,
+    find_checkpoint,
+    load_checkpoint,
+    load_state_into,
+    read_meta,
+    read_meta_for,
+    save_checkpoint,
+)
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import Curriculum, SubsequenceSampler, suffix_parallel_batch
 from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult, run_steps
@@ -345,8 +353,12 @@ class DistributedTrainer:
             and len(indices) == self.world_size
         )
 
-    def resume(self) -> bool:
+    def resume(self, accept_schedule: bool = False) -> bool:
         """Continue from ``checkpoint_dir`` (any rank count may have written it).
+
+        A checkpoint of other data or settings is refused as in
+        :meth:`vmt.inference.train.Trainer.resume` (the stream layout, ``batch_size``,
+        ``window`` and ``overlap``, may change: see below).
 
         Model, optimiser and step are rank-independent. In the windows regime each rank also
         takes back its window index and carried states when the checkpoint was written by the
@@ -355,8 +367,14 @@ class DistributedTrainer:
         window of an epoch with no carried state (training continues from the saved model and
         optimiser).
         """
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.json").exists():
+        if self.checkpoint_dir is None or find_checkpoint(self.checkpoint_dir) is None:
             return False
+        layout = ("batch_size", "window", "overlap")
+        stored = read_meta(self.checkpoint_dir)
+        stored_config = {k: v for k, v in dict(stored.get("train_config", {})).items() if k not in layout}
+        now_config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in layout}
+        check_resume(self.checkpoint_dir, {**stored, "train_config": stored_config},
+                     {**self.meta, "train_config": now_config}, accept_schedule)
         meta = read_meta_for(self.checkpoint_dir, self.vmt.config)
         # the tensors as stored (rebuilding the model would cast them to float32)
         ckpt = load_checkpoint(self.checkpoint_dir, build_model=False)
@@ -364,6 +382,8 @@ class DistributedTrainer:
         load_state_into(self.vmt, state, f"checkpoint {self.checkpoint_dir}")
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.learning_rate  # the run's (accepted) value
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
         if self.cursor is not None:

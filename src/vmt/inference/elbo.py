@@ -49,6 +49,13 @@ class ElboTerms:
 
 def elbo_terms(vmt, batch: ChainBatch, direction: str = "forward") -> ElboTerms:
     """Sample a path from the guide and score it under model and guide."""
+    emission = vmt.config.emission
+    if emission == "categorical" and (batch.obs.is_floating_point() or batch.obs.dim() != 2):
+        raise ValueError(f"a categorical emission takes (batch, time) integer token ids, got {batch.obs.dtype} "
+                         f"observations of shape {tuple(batch.obs.shape)} (one-hot vectors? pass their argmax)")
+    if emission != "categorical" and not batch.obs.is_floating_point():
+        raise ValueError(f"a {emission} emission takes float (batch, time, obs) observations, got "
+                         f"{batch.obs.dtype} of shape {tuple(batch.obs.shape)} (convert with .float())")
     batch.validate(vmt.config.state_dim, vmt.config.obs_dim)
     guide_trace = poutine.trace(vmt.guide).get_trace(batch, direction=direction)
     model_trace = poutine.trace(poutine.replay(vmt.model, trace=guide_trace)).get_trace(

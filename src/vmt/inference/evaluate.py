@@ -245,6 +245,11 @@ def evaluate(
     """
     if particles < 1:
         raise ValueError(f"particles must be >= 1, got {particles}")
+    empty = [i for i, d in enumerate(documents) if len(d) == 0]
+    if empty:
+        raise ValueError(f"cannot evaluate empty documents (indices {empty[:5]}): every document needs a token")
+    if len(documents) == 0:
+        raise ValueError("no documents to evaluate")
     vmt.eval()
     device = next(vmt.parameters()).device
     reader = DocumentStreams(documents, streams, window, features)

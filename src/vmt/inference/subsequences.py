@@ -150,5 +150,7 @@ class SubsequenceSampler:
             seqs.append(self.documents[d][a : a + take])
             if self.features is not None:
                 f, _ = self.features(d)
+                if f.shape[0] != n:
+                    raise ValueError(f"the feature lookup gave {f.shape[0]} positions for document {d} of {n} tokens")
                 feats.append(f[a : a + take])
         return sampled_batch(seqs, feats if self.features is not None else None)

@@ -12,9 +12,12 @@
   loss = ``-ELBO/tokens + w * (L_init + L_prior + L_skip)``.
 
 Both: KL annealing (a factor passed to the loss, rising linearly), gradient clipping,
-checkpoints (atomic; every ``checkpoint_every`` steps, at the end, and on Ctrl-C), resume
-(the same loss curve continues: model, optimiser, RNG and carried states are restored), and a
-non-finite loss stops the run with a diagnostic, keeping the last good checkpoint.
+checkpoints (crash-safe, see :mod:`vmt.checkpoint`; every ``checkpoint_every`` steps, at the
+end, and on Ctrl-C or SIGTERM, after which the run stops), resume (the same loss curve
+continues: model, optimiser, RNG and carried states are restored; a checkpoint written for
+other data, vocabulary or settings is refused, see :func:`vmt.checkpoint.check_resume`), a
+lock on the checkpoint folder (one run at a time), and a non-finite loss, gradient or
+parameter stops the run with a diagnostic naming what was kept (never a non-finite weight).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +37,16 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from vmt.checkpoint import load_state_into, read_meta_for, save_checkpoint
+from vmt.checkpoint import (
+    RunLock,
+    check_checkpoint_path,
+    check_resume,
+    find_checkpoint,
+    load_state_into,
+    read_meta,
+    read_meta_for,
+    save_checkpoint,
+)
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import (
     Curriculum,
@@ -53,7 +68,7 @@ class TrainConfig:
     steps: int = 500
     batch_size: int = 16
     learning_rate: float = 3e-3
-    clip_norm: float = 10.0
+    clip_norm: float | None = 10.0
     min_length: int = 2
     max_length: int = 64
     steps_per_length: int = 0
@@ -70,6 +85,25 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = type(f.default)
+            if f.name == "clip_norm":
+                kind = float
+                if value is None:
+                    continue
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{f.name} must be an integer, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 (or null for no clipping), got {self.clip_norm}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.regime not in ("subsequence", "windows"):
             raise ValueError(f"regime must be 'subsequence' or 'windows', got {self.regime!r}")
         if self.direction not in ("forward", "reverse"):
@@ -119,6 +153,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     stopped: str = "completed"
     checkpoint: Path | None = None
+    signal: str | None = None  # "SIGINT" or "SIGTERM" when interrupted
 
     @property
     def ok(self) -> bool:
@@ -156,7 +191,7 @@ class Trainer:
         self.documents = list(documents)
         self.config = config
         self.features = features
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_dir = check_checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
         self.meta = dict(meta or {})
         params = [p for p in vmt.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.learning_rate)
@@ -190,17 +225,43 @@ class Trainer:
         }
         return save_checkpoint(self.checkpoint_dir, self.vmt, optimizer=self.optimizer, meta=meta, tensors=tensors)
 
-    def resume(self) -> bool:
-        """Continue from ``checkpoint_dir`` if it holds a checkpoint; True if it did."""
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "checkpoint.json").exists():
+    def resume(self, accept_schedule: bool = False) -> bool:
+        """Continue from ``checkpoint_dir`` if it holds a checkpoint; True if it did.
+
+        Refuses (ValueError) a checkpoint of another model config, other data or vocabulary
+        (``meta``) or other training settings; changed schedule values (learning rate, clipping,
+        annealing) only with ``accept_schedule``, and then they take effect.
+        """
+        if self.checkpoint_dir is None or find_checkpoint(self.checkpoint_dir) is None:
             return False
         from vmt.checkpoint import load_checkpoint
 
-        meta = read_meta_for(self.checkpoint_dir, self.vmt.config)
+        # the data, vocabulary and settings first: they say why a model config differs
+        now = {**self.meta, "train_config": dataclasses.asdict(self.config)}
+        changed = check_resume(self.checkpoint_dir, read_meta(self.checkpoint_dir), now, accept_schedule)
+        read_meta_for(self.checkpoint_dir, self.vmt.config)
+        if changed:
+            logger.warning("resuming with a changed schedule: %s", "; ".join(changed))
         ckpt = load_checkpoint(self.checkpoint_dir, reader=self.vmt.reader, build_model=False)
+        meta = ckpt.meta
         load_state_into(self.vmt, ckpt.model_state, f"checkpoint {self.checkpoint_dir}")
         if ckpt.optimizer_state is not None:
-            self.optimizer.load_state_dict(ckpt.optimizer_state)
+            try:
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise ValueError(f"checkpoint {self.checkpoint_dir}: its optimizer state does not fit "
+                                 f"this model ({str(err).splitlines()[0]}); pass --restart") from err
+            for p in (p for g in self.optimizer.param_groups for p in g["params"]):
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(f"checkpoint {self.checkpoint_dir}: its optimizer state does not fit this "
+                                         f"model ({key} {tuple(value.shape)} for a parameter {tuple(p.shape)}); "
+                                         "pass --restart")
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.learning_rate  # the run's (accepted) value, not the stored one
+        if "rng.torch" not in ckpt.tensors or "rng.sampler" not in ckpt.tensors:
+            raise ValueError(f"checkpoint {self.checkpoint_dir} was not written by training (no random-number "
+                             "states); it cannot be resumed, pass --restart")
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         self.generator.set_state(ckpt.tensors["rng.sampler"])
         if self.cursor is not None:
@@ -249,17 +310,25 @@ class Trainer:
         """One optimiser step; returns ``tokens``, ``elbo_per_token``, ``loss`` and the split of
         the negative ELBO, ``reconstruction_per_token`` and ``kl_per_token``."""
         c = self.config
-        loss, elbo, tokens, terms, window = self.loss(annealing)
+        try:
+            loss, elbo, tokens, terms, window = self.loss(annealing)
+        except ValueError as err:
+            if "to satisfy the constraint" not in str(err):
+                raise
+            # torch.distributions' validation: the network produced invalid (non-finite or
+            # out-of-range) distribution parameters, i.e. the model diverged
+            raise NonFiniteLoss(f"invalid distribution parameters at step {self.step + 1} "
+                                f"({str(err).splitlines()[0][:120]})") from err
         if not math.isfinite(float(loss.detach())):
             raise NonFiniteLoss(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}")
         self.optimizer.zero_grad()
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(
-            [p for g in self.optimizer.param_groups for p in g["params"]], c.clip_norm
-        )
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, c.clip_norm if c.clip_norm is not None else math.inf)
         if not math.isfinite(float(norm)):
             raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
         self.optimizer.step()
+        check_finite_parameters(self.vmt, self.step + 1)
         if window is not None:
             self.cursor.carry(window, terms.x)
         self.step += 1
@@ -274,20 +343,92 @@ class Trainer:
         return run_steps(self, progress)
 
 
+def check_finite_parameters(vmt, step: int) -> None:
+    """Raise :class:`NonFiniteLoss` naming the first parameter that is not finite."""
+    for name, p in vmt.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise NonFiniteLoss(f"non-finite parameter {name} after step {step}")
+
+
+class _HardInterrupt(KeyboardInterrupt):
+    pass
+
+
+def _lock_path(checkpoint_dir: Path) -> Path:
+    return checkpoint_dir.with_name(f".{checkpoint_dir.name}.lock")
+
+
+class _Signals:
+    """SIGINT (Ctrl-C) and SIGTERM (main thread only): the first is recorded and the loop stops
+    after the step under way (so the saved state is a whole step); a second one interrupts at
+    once (:class:`_HardInterrupt`, nothing more is saved)."""
+
+    def __init__(self):
+        self.received = None
+        self.holding = False
+        self._old = {}
+
+    def install(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is None or self.holding:
+            self.received = self.received or signal.Signals(signum).name
+            return
+        raise _HardInterrupt(signal.Signals(signum).name)
+
+    def hold(self) -> None:
+        """Only record further signals (while the run saves)."""
+        self.holding = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
 def run_steps(trainer, progress: bool = True) -> TrainResult:
     """The loop every trainer shares: ``trainer.train_step`` to ``config.steps``.
 
     Logs every ``log_every`` steps into ``trainer.history``, checkpoints every
     ``checkpoint_every`` steps and at the end (``trainer.save()``, which a distributed trainer
     calls on every rank), saves on Ctrl-C, and on a non-finite loss or gradient stops and
-    keeps the last good checkpoint.
+    keeps the last good checkpoint. The checkpoint folder is locked meanwhile (see
+    :class:`vmt.checkpoint.RunLock`); SIGTERM is handled like Ctrl-C.
     """
+    ck = trainer.checkpoint_dir
+    lock = RunLock(_lock_path(ck)) if ck is not None and getattr(trainer, "rank", 0) == 0 else None
+    if lock is None:
+        return _run_steps(trainer, progress)
+    with lock:
+        return _run_steps(trainer, progress)
+
+
+def _kept(ck: Path | None, last_good: Path | None, last_step: int | None) -> str:
+    if ck is None:
+        return "nothing was saved (no checkpoint folder)"
+    if last_good is None:
+        return f"no checkpoint was written (the run stopped before its first checkpoint); {ck} is untouched"
+    return f"kept: the checkpoint of step {last_step} in {ck}"
+
+
+def _run_steps(trainer, progress: bool) -> TrainResult:
     c = trainer.config
     ck = trainer.checkpoint_dir
-    last_good = ck if ck is not None and (ck / "checkpoint.json").exists() else None
+    last_good = ck if ck is not None and find_checkpoint(ck) is not None else None
+    last_step = None
+    if last_good is not None:
+        try:
+            last_step = int(read_meta(ck).get("step", -1))
+        except (ValueError, FileNotFoundError):
+            last_step = None
     bar = tqdm(total=c.steps, initial=trainer.step, disable=not progress, desc="SVI", unit="step")
     tokens_seen, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     trainer.vmt.train()
+    signals = _Signals().install()
     try:
         while trainer.step < c.steps:
             annealing = c.annealing(trainer.step)
@@ -314,32 +455,44 @@ def run_steps(trainer, progress: bool = True) -> TrainResult:
                              ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
             bar.update(1)
             if ck is not None and trainer.step % c.checkpoint_every == 0:
-                last_good = trainer.save()
-    except KeyboardInterrupt:
+                last_good, last_step = trainer.save(), trainer.step
+            if signals.received:
+                raise KeyboardInterrupt(signals.received)
+    except KeyboardInterrupt as err:
         bar.close()
-        saved = trainer.save() if ck is not None else None
-        logger.warning("interrupted at step %d; checkpoint saved to %s", trainer.step, saved)
-        return TrainResult(trainer.step, trainer.history, "interrupted", saved)
+        signals.hold()
+        # a second signal stopped a step half-way: keep the last checkpoint, write nothing
+        saved = trainer.save() if ck is not None and not isinstance(err, _HardInterrupt) else last_good
+        received = signals.received or "SIGINT"
+        logger.warning("interrupted (%s) at step %d; %s", received, trainer.step,
+                       f"checkpoint saved to {saved}" if saved else "no checkpoint folder, nothing saved")
+        return TrainResult(trainer.step, trainer.history, "interrupted", saved, received)
     except NonFiniteLoss as err:
         bar.close()
-        logger.error("%s; the last good checkpoint is %s", err, last_good)
-        return TrainResult(trainer.step, trainer.history,
-                           f"{err}; the last good checkpoint is kept", last_good)
-    bar.close()
-    saved = trainer.save() if ck is not None else None
-    last = trainer.history[-1] if trainer.history else {}
-    if "kl_per_token" in last:
-        logger.info("step %d: training -ELBO %.4f = reconstruction %.4f + KL %.4f nats/token",
-                    last["step"], -last["elbo_per_token"], last["reconstruction_per_token"],
-                    last["kl_per_token"])
-    return TrainResult(trainer.step, trainer.history, "completed", saved)
+        kept = _kept(ck, last_good, last_step)
+        logger.error("%s; %s", err, kept)
+        return TrainResult(trainer.step, trainer.history, f"{err}; {kept}", last_good)
+    else:
+        bar.close()
+        signals.hold()
+        saved = trainer.save() if ck is not None else None
+        if signals.received:  # a signal during the final save: the run is complete but stops
+            return TrainResult(trainer.step, trainer.history, "interrupted", saved, signals.received)
+        last = trainer.history[-1] if trainer.history else {}
+        if "kl_per_token" in last:
+            logger.info("step %d: training -ELBO %.4f = reconstruction %.4f + KL %.4f nats/token",
+                        last["step"], -last["elbo_per_token"], last["reconstruction_per_token"],
+                        last["kl_per_token"])
+        return TrainResult(trainer.step, trainer.history, "completed", saved)
+    finally:
+        signals.restore()
 
 
 def fit(vmt, documents, config: TrainConfig, features: FeatureLookup | None = None,
         checkpoint_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-        meta: dict | None = None) -> TrainResult:
+        meta: dict | None = None, accept_schedule: bool = False) -> TrainResult:
     """Train ``vmt`` by SVI (see :class:`Trainer`); resumes from ``checkpoint_dir`` if asked."""
     trainer = Trainer(vmt, documents, config, features, checkpoint_dir, meta)
     if resume:
-        trainer.resume()
+        trainer.resume(accept_schedule)
     return trainer.fit(progress)

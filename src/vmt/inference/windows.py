@@ -107,7 +107,12 @@ class DocumentStreams:
             carried=carried,
         )
         if self.features is not None:
-            feats = torch.stack([self.features(d)[0][o : o + steps] for d, o in active])
+            feats = [self.features(d)[0] for d, _ in active]
+            for (d, _), f in zip(active, feats, strict=True):
+                if f.shape[0] != self.lengths[d]:
+                    raise ValueError(f"the feature lookup gave {f.shape[0]} positions for document {d} "
+                                     f"of {self.lengths[d]} tokens")
+            feats = torch.stack([f[o : o + steps] for f, (_, o) in zip(feats, active, strict=True)])
             return Window(batch.with_(features=feats), docs, offs)
         read = 2 * steps if self.overlap else steps
         inputs, lengths = [], []
