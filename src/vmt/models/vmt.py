@@ -33,7 +33,13 @@ from vmt.models.config import VMTConfig
 from vmt.models.emission import build_emission
 from vmt.models.guide import GuideNet
 from vmt.models.prior import build_prior
-from vmt.models.tokens import TokenEmission, TokenGuideNet, TokenMixture, TokenPrior, TokenTransition
+from vmt.models.tokens import (
+    TokenEmission,
+    TokenGuideNet,
+    TokenMixture,
+    TokenPrior,
+    TokenTransition,
+)
 from vmt.models.transition import build_transition
 
 Direction = Literal["forward", "reverse"]
