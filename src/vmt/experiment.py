@@ -127,8 +127,8 @@ class ModelPreset:
 
         _checked_fields(VMTConfig, self.vmt, "vmt")
         emission = self.vmt.get("emission", "categorical")
-        if emission != "categorical":
-            raise ValueError(f"text runs need vmt.emission 'categorical' (token ids), got {emission!r}")
+        if emission not in ("categorical", "token"):
+            raise ValueError(f"text runs need vmt.emission 'categorical' or 'token' (token ids), got {emission!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelPreset:

@@ -50,10 +50,10 @@ class ElboTerms:
 def elbo_terms(vmt, batch: ChainBatch, direction: str = "forward") -> ElboTerms:
     """Sample a path from the guide and score it under model and guide."""
     emission = vmt.config.emission
-    if emission == "categorical" and (batch.obs.is_floating_point() or batch.obs.dim() != 2):
-        raise ValueError(f"a categorical emission takes (batch, time) integer token ids, got {batch.obs.dtype} "
+    if vmt.config.emits_tokens and (batch.obs.is_floating_point() or batch.obs.dim() != 2):
+        raise ValueError(f"a {emission} emission takes (batch, time) integer token ids, got {batch.obs.dtype} "
                          f"observations of shape {tuple(batch.obs.shape)} (one-hot vectors? pass their argmax)")
-    if emission != "categorical" and not batch.obs.is_floating_point():
+    if not vmt.config.emits_tokens and not batch.obs.is_floating_point():
         raise ValueError(f"a {emission} emission takes float (batch, time, obs) observations, got "
                          f"{batch.obs.dtype} of shape {tuple(batch.obs.shape)} (convert with .float())")
     batch.validate(vmt.config.state_dim, vmt.config.obs_dim)
