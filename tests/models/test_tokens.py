@@ -33,12 +33,13 @@ def random_batch(vmt, rows=3, steps=6, x0=False):
     return batch
 
 
+@pytest.mark.parametrize("memory_guide", ["model", "features"])
 @pytest.mark.parametrize("x0", [False, True])
-def test_elbo_term_is_the_next_token_log_probability(x0):
+def test_elbo_term_is_the_next_token_log_probability(x0, memory_guide):
     """With the guide at its initial (model-step) memory, every position's ELBO term after a
     row's fresh start equals log pi_{y_k}(m_k) exactly, whatever the sampled path."""
     torch.manual_seed(0)
-    vmt = token_vmt(reverse=True)
+    vmt = token_vmt(reverse=True, memory_guide=memory_guide)
     batch = random_batch(vmt, x0=x0)
     terms = elbo_terms(vmt, batch)
     per = terms.log_lik + terms.log_latent - terms.log_guide
@@ -116,7 +117,7 @@ def test_markov_source_reaches_its_entropy_rate():
     """A token-family VMT fitted to a 20-symbol first-order Markov source: its state carries
     the text (KL > 0) and its held-out bound comes within 0.1 nats/token of the entropy rate."""
     P, pi, rate = markov_source()
-    train = sample_documents(P, pi, 40, 400, seed=1)
+    train = sample_documents(P, pi, 100, 400, seed=1)
     test = sample_documents(P, pi, 8, 400, seed=2)
     config = VMTConfig(state_dim=40, token_dim=8, obs_dim=20, feature_dim=16, guide_hidden=16,
                        prior_components=2, max_window=64, **TOKEN)

@@ -43,6 +43,9 @@ class VMTConfig:
             ``[memory (state_dim - E), slot (E)]``. Unused by the other families.
         slot_scale: the token slot's noise ``s`` in the token family.
         memory_scale: initial scale of the token family's memory step.
+        memory_guide: how the token family's guide proposes the memory: ``"model"`` uses the
+            model's own memory step (features then enter only through the first state),
+            ``"features"`` shifts and rescales it by the features read at each position.
     """
 
     state_dim: int = 32
@@ -64,6 +67,7 @@ class VMTConfig:
     token_dim: int = 0
     slot_scale: float = 0.1
     memory_scale: float = 0.05
+    memory_guide: Literal["model", "features"] = "model"
 
     def __post_init__(self) -> None:
         for name in ("state_dim", "obs_dim", "feature_dim", "prior_components",
@@ -93,6 +97,8 @@ class VMTConfig:
                 f"the token family needs 1 <= token_dim < state_dim, got token_dim="
                 f"{self.token_dim}, state_dim={self.state_dim}"
             )
+        if self.memory_guide not in ("model", "features"):
+            raise ValueError(f"memory_guide must be 'model' or 'features', got {self.memory_guide!r}")
         if not (self.slot_scale > 0 and self.memory_scale > 0):
             raise ValueError(
                 f"slot_scale and memory_scale must be > 0, got {self.slot_scale}, {self.memory_scale}"

@@ -18,10 +18,16 @@ whose transition and emission see only the state. The first state is drawn from 
 The guide (:class:`TokenGuideNet`) proposes the slot ``q(u_k) = N(e_{y_k}, s^2 I)`` (the
 exact conditional above; it reads the token ``y_k``) and the memory as the model's own step
 shifted and rescaled by the features it reads, ``q(m_k | x_{k-1}, h_k) = N(g + Δ(h_k, x),
-sigma · exp(ρ(h_k, x)))``, with ``Δ = ρ = 0`` at initialisation. With ``Δ = ρ = 0`` the
-per-position ELBO term is exactly ``log pi_{y_k}(m_k)``: whatever the slot noise, the slot's
-KL and reconstruction cancel to the next-token log-probability. Features that tell the guide
-something about the future enter through ``Δ`` and pay for themselves in KL.
+sigma · exp(ρ(h_k, x)))``, with ``Δ = ρ = 0`` at initialisation (``memory_guide="features"``),
+or exactly the model's memory step (``memory_guide="model"``: the features then inform only
+the first state of a fresh start). With ``Δ = ρ = 0`` the per-position ELBO term is exactly
+``log pi_{y_k}(m_k)``: whatever the slot noise, the slot's KL and reconstruction cancel to the
+next-token log-probability, and the bound is that of a noisy recurrent language model.
+
+Measured (``docs/benchmarks.md``, ``text-lm``): shifting the memory by features that read the
+token being predicted lets the guide pass that token into the memory at a KL price, and
+training then widens the memory noise to make the passage cheap: a worse optimum than the
+model's own step.
 """
 
 from __future__ import annotations
@@ -244,6 +250,7 @@ class TokenGuideNet(PyroModule):
         with torch.no_grad():  # start as the model's own memory step
             self.step_head.weight.zero_()
             self.step_head.bias.zero_()
+        self.shifts = config.memory_guide == "features"
         self.hidden = h
         self.min_scale = config.min_scale
         self.flows = nn.ModuleList()
@@ -303,14 +310,15 @@ class TokenGuideNet(PyroModule):
         """
         feats = skip_context[..., : self.hidden]
         combined = 0.5 * (torch.tanh(self.state_proj(x_prev)) + feats)
-        shift, log_ratio = self.step_head(combined).chunk(2, dim=-1)
-        base_loc, base_scale = self._transition.module.memory_params(x_prev)
+        base_loc, scale = self._transition.module.memory_params(x_prev)
         if skip > 1:
-            base_loc, base_scale = base_loc.detach(), base_scale.detach()
-        scale = base_scale * torch.exp(log_ratio.clamp(max=5.0))
+            base_loc, scale = base_loc.detach(), scale.detach()
+        if self.shifts or skip > 1:  # the skip guide always corrects the one-step memory
+            shift, log_ratio = self.step_head(combined).chunk(2, dim=-1)
+            base_loc = base_loc + shift
+            scale = scale * torch.exp(log_ratio.clamp(max=5.0))
         slot_loc, slot_scale = self._slot(skip_context[..., self.hidden :])
-        return (torch.cat([base_loc + shift, slot_loc], -1),
-                torch.cat([scale, slot_scale], -1), combined)
+        return (torch.cat([base_loc, slot_loc], -1), torch.cat([scale, slot_scale], -1), combined)
 
     def flow_transforms(self, combined: torch.Tensor) -> list:
         return []
