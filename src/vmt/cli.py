@@ -240,8 +240,8 @@ def _read(args: argparse.Namespace) -> int:
     for value, flag in ((args.window, "--window"), (args.chains, "--chains"), (args.draws, "--draws"),
                         (args.max_tokens, "--max-tokens")):
         _positive(value, flag)
-    usage.netcdf_engine()  # fail before the work if the file cannot be written
     text = _text_file(args.file, "file")
+    usage.netcdf_engine()  # fail before the work if the file cannot be written
     run = usage.load_run(args.run)
     report = usage.read_text(run, text, out=args.out, plot=args.plot, window=args.window, chains=args.chains,
                              draws=args.draws, max_tokens=args.max_tokens, seed=args.seed, progress=True)

@@ -225,6 +225,19 @@ def test_bad_arguments_give_one_line_errors_and_exit_code_2(args, expected, file
     assert capsys.readouterr().out == ""
 
 
+def test_read_without_a_netcdf_writer_is_a_one_line_error(files, tmp_path, monkeypatch, capsys, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("h5netcdf", "h5py", "netCDF4") else real(name, *a))
+    text = tmp_path / "doc.txt"
+    text.write_text("Some text.\n")
+    assert main(["read", files["run"], str(text)]) == 2
+    one_error(caplog, "needs h5netcdf (with h5py) or netCDF4")
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.lm
 @pytest.mark.integration
 def test_reverse_on_a_run_without_reverse_parts_is_refused(forward_only_run, capsys, caplog):
