@@ -246,16 +246,17 @@ def _read(args: argparse.Namespace) -> int:
     report = usage.read_text(run, text, out=args.out, plot=args.plot, window=args.window, chains=args.chains,
                              draws=args.draws, max_tokens=args.max_tokens, seed=args.seed, progress=True)
 
-    def numbers(values) -> str:
-        return " ".join(f"{v:+.3f}" for v in values)
+    def numbers(values, shown: int = 8, fmt: str = "+.3f") -> str:
+        text = " ".join(f"{v:{fmt}}" for v in values[:shown])
+        return text + (f" ... ({len(values)} states)" if len(values) > shown else "")
 
     sys.stdout.write(
         f"read {args.file}: {report.tokens_read} tokens in {report.windows} windows (state carried): "
         f"{report.neg_elbo_per_token:.4f} nats/token (single-sample -ELBO, compact vocabulary)\n"
         f"posterior: {report.chains} chains x {report.draws} draws of {report.positions} positions -> "
         f"{report.netcdf}\n"
-        f"  posterior sd per state (mean over positions): {numbers(report.state_sd)}\n"
-        f"  last position: mean {numbers(report.last_mean)}, sd {numbers(report.last_sd)}\n"
+        f"  posterior sd per state (mean over positions): {numbers(report.state_sd, fmt='.3f')}\n"
+        f"  last exported position: mean {numbers(report.last_mean)}, sd {numbers(report.last_sd, fmt='.3f')}\n"
         f"  max R-hat {report.r_hat_max:.3f}, min bulk ESS {report.ess_bulk_min:.0f} "
         f"(independent guide draws: this checks the plumbing)\n"
         f"trajectory: {report.plot}\n"
