@@ -58,7 +58,7 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmt",
-        description="Variational Markov Transformer: fit, evaluate and benchmark.",
+        description="Variational Markov Transformer: fit, evaluate, use and benchmark.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
@@ -120,6 +120,10 @@ def _run(args: argparse.Namespace, model: str, schedule: str, out: str):
     result = experiment.run_text(preset, sched, out, texts, name, resume=not getattr(args, "restart", False),
                                  accept_schedule=getattr(args, "accept_schedule", False))
     _report(result)
+    steps = result.text_run.schedule.reverse_steps
+    if steps > 0 and result.model.config.reverse:
+        experiment.fit_reverse(result, out, steps)
+        sys.stdout.write(f"reverse parts: {Path(out) / 'checkpoint-with-reverse'}\n")
     return result
 
 
@@ -132,9 +136,6 @@ def _demo(args: argparse.Namespace) -> int:
     from vmt import experiment
 
     result = _run(args, "text-smollm2", "demo", args.out)
-    steps = result.text_run.schedule.reverse_steps
-    if steps > 0 and result.model.config.reverse:
-        experiment.fit_reverse(result, args.out, steps)
     usage = experiment.demo_usage(result, args.out)
     sys.stdout.write(
         f"read a held-out document of {usage.tokens_read} tokens in {usage.windows} windows "
@@ -205,6 +206,176 @@ def _add_model_commands(sub) -> None:
     demo.set_defaults(func=_demo)
 
 
+def _text_file(path: str, what: str) -> str:
+    """The UTF-8 text of a file given on the command line, with one-line errors."""
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{what} {file} does not exist")
+    if not file.is_file():
+        raise ValueError(f"{what} {file} is not a file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {file} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not text.strip():
+        raise ValueError(f"{what} {file} is empty")
+    return text
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be a positive integer, got {value}")
+
+
+def _sampling(args: argparse.Namespace):
+    from vmt.inference.generation import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from vmt import usage
+
+    _positive(args.tokens, "--tokens")
+    _positive(args.samples, "--samples")
+    sampling = _sampling(args)
+    if args.unconditional and (args.prompt is not None or args.prompt_file is not None):
+        raise ValueError("--unconditional writes without a prompt: drop --prompt/--prompt-file")
+    prompt = _text_file(args.prompt_file, "prompt file") if args.prompt_file is not None else args.prompt
+    if prompt is None and not args.unconditional:
+        raise ValueError("give --prompt TEXT, --prompt-file FILE or --unconditional")
+    if prompt is not None and not prompt.strip():
+        raise ValueError("the prompt is empty")
+    run = usage.load_run(args.run, reverse=args.reverse)
+    texts = usage.sample_text(run, prompt, num_tokens=args.tokens, reverse=args.reverse, sampling=sampling,
+                              samples=args.samples, seed=args.seed, progress=True)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            sys.stdout.write(f"--- sample {i}\n")
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def _read(args: argparse.Namespace) -> int:
+    from vmt import usage
+
+    for value, flag in ((args.window, "--window"), (args.chains, "--chains"), (args.draws, "--draws"),
+                        (args.max_tokens, "--max-tokens")):
+        _positive(value, flag)
+    text = _text_file(args.file, "file")
+    usage.netcdf_engine()  # fail before the work if the file cannot be written
+    run = usage.load_run(args.run)
+    report = usage.read_text(run, text, out=args.out, plot=args.plot, window=args.window, chains=args.chains,
+                             draws=args.draws, max_tokens=args.max_tokens, seed=args.seed, progress=True)
+
+    def numbers(values, shown: int = 8, fmt: str = "+.3f") -> str:
+        text = " ".join(f"{v:{fmt}}" for v in values[:shown])
+        return text + (f" ... ({len(values)} states)" if len(values) > shown else "")
+
+    sys.stdout.write(
+        f"read {args.file}: {report.tokens_read} tokens in {report.windows} windows (state carried): "
+        f"{report.neg_elbo_per_token:.4f} nats/token (single-sample -ELBO, compact vocabulary)\n"
+        f"posterior: {report.chains} chains x {report.draws} draws of {report.positions} positions -> "
+        f"{report.netcdf}\n"
+        f"  posterior sd per state (mean over positions): {numbers(report.state_sd, fmt='.3f')}\n"
+        f"  last exported position: mean {numbers(report.last_mean)}, sd {numbers(report.last_sd, fmt='.3f')}\n"
+        f"  max R-hat {report.r_hat_max:.3f}, min bulk ESS {report.ess_bulk_min:.0f} "
+        f"(independent guide draws: this checks the plumbing)\n"
+        f"trajectory: {report.plot}\n"
+    )
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from vmt import usage
+
+    _positive(args.tokens, "--tokens")
+    _positive(args.window, "--window")
+    sampling = _sampling(args)
+    if args.load_state is not None and not Path(args.load_state).is_file():
+        raise FileNotFoundError(f"no state file {args.load_state}")
+    run = usage.load_run(args.run)
+    session = usage.ChatSession(run, reply_tokens=args.tokens, sampling=sampling, window=args.window)
+    if args.load_state is not None:
+        session.load_state(args.load_state)
+        logger.info("continuing from %s (%d turns)", args.load_state, session.turns)
+    import torch
+
+    torch.manual_seed(args.seed)
+    interactive = sys.stdin.isatty()
+    try:
+        usage.chat(session, sys.stdin, sys.stdout, prompt="> " if interactive else "")
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+    finally:
+        if args.save_state is not None and session.conversation.state is not None:
+            path = session.save_state(args.save_state)
+            logger.info("saved the state after %d turns to %s", session.turns, path)
+    return 0
+
+
+def _add_sampling_flags(parser) -> None:
+    parser.add_argument("--temperature", type=float, default=1.0, help="divide the emission logits by T (> 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most probable tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def _add_use_commands(sub) -> None:
+    run_help = "run folder written by `vmt fit` or `vmt demo` (or a checkpoint folder)"
+    sample = sub.add_parser(
+        "sample",
+        help="write with a fitted run: a continuation, a prequel, or unconditional text",
+        description="Read a prompt (state carried across windows) and write what follows it; with "
+        "--reverse write what comes before it (needs the reverse parts: "
+        "RUN/checkpoint-with-reverse); with --unconditional start from the prior.",
+    )
+    sample.add_argument("run", help=run_help)
+    prompt = sample.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", metavar="TEXT", help="the prompt")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file")
+    sample.add_argument("--tokens", type=int, default=40, metavar="N", help="tokens to write (default 40)")
+    sample.add_argument("--reverse", action="store_true", help="write a prequel (or, unconditional, an ending)")
+    sample.add_argument("--unconditional", action="store_true", help="no prompt: start from the prior")
+    sample.add_argument("--samples", type=int, default=1, help="independent texts to write")
+    _add_sampling_flags(sample)
+    sample.set_defaults(func=_sample)
+
+    rd = sub.add_parser(
+        "read",
+        help="read a text file into posterior states (ArviZ DataTree in netCDF)",
+        description="Read FILE with the state carried across windows (prints its -ELBO per token), "
+        "draw chains x draws posterior state paths, export them as an ArviZ DataTree to netCDF "
+        "(groups posterior, log_likelihood, posterior_predictive, observed_data), print a summary "
+        "and plot the state trajectories.",
+    )
+    rd.add_argument("run", help=run_help)
+    rd.add_argument("file", help="a UTF-8 text file")
+    rd.add_argument("--window", type=int, metavar="W", help="reading window (default: the encoder's)")
+    rd.add_argument("--out", default="posterior.nc", help="netCDF file to write (default posterior.nc)")
+    rd.add_argument("--plot", metavar="PNG", help="trajectory plot (default: OUT_trajectory.png beside OUT)")
+    rd.add_argument("--chains", type=int, default=2, help="independent groups of draws (default 2)")
+    rd.add_argument("--draws", type=int, default=50, help="paths per chain (default 50)")
+    rd.add_argument("--max-tokens", type=int, metavar="N", help="export the first N positions only")
+    rd.add_argument("--seed", type=int, default=0, help="random seed")
+    rd.set_defaults(func=_read)
+
+    chat = sub.add_parser(
+        "chat",
+        help="the writing loop on stdin/stdout, state carried between turns",
+        description="Each line on stdin is read with the guide from the carried state and answered "
+        "with N tokens written by the model, one line per reply on stdout. Only the latent state is "
+        "carried; --save-state/--load-state keep it across sessions.",
+    )
+    chat.add_argument("run", help=run_help)
+    chat.add_argument("--tokens", type=int, default=40, metavar="N", help="tokens per reply (default 40)")
+    chat.add_argument("--window", type=int, metavar="W", help="reading window (default: the encoder's)")
+    chat.add_argument("--save-state", metavar="FILE", help="write the state at the end (safetensors)")
+    chat.add_argument("--load-state", metavar="FILE", help="continue from a saved state")
+    _add_sampling_flags(chat)
+    chat.set_defaults(func=_chat)
+
+
 # Model commands add themselves here: each takes the subparsers object, adds its parser and
 # sets ``func``.
 def _add_data_commands(sub) -> None:
@@ -213,7 +384,7 @@ def _add_data_commands(sub) -> None:
     add_data_commands(sub)
 
 
-_COMMANDS: list = [_add_model_commands, _add_data_commands]
+_COMMANDS: list = [_add_model_commands, _add_use_commands, _add_data_commands]
 
 
 # Errors that mean the input (arguments, files, configurations) is wrong: exit code 2.
@@ -257,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("arviz").setLevel(logging.WARNING)  # its backend choice is not news
     try:
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as err:

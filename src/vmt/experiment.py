@@ -329,14 +329,24 @@ def reading_features(run: TextRun, vocab):
     tokenizer's unknown/end token, since the merged id is not kept) and read in reverse; with
     a trainable reader ``None`` (the VMT's own reader is used).
     """
-    enc = run.preset.encoder
-    if enc.kind != "lm":
+    return lm_reading_features(run.preset.encoder, run.lm, run.tokenizer, vocab)
+
+
+def unknown_token_id(tokenizer) -> int:
+    """The LM id that stands for ``<unk>`` when emission ids are mapped back to LM ids."""
+    unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+    return 0 if unk is None else int(unk)
+
+
+def lm_reading_features(encoder: EncoderSpec, lm, tokenizer, vocab):
+    """:func:`reading_features` from its parts: ``(feature_fn, unk_id)``, ``(None, None)``
+    for a trainable reader."""
+    if encoder.kind != "lm":
         return None, None
     from vmt.encoders.features import LMFeatureExtractor
 
-    extractor = LMFeatureExtractor(run.lm, layer=enc.layer, direction="reverse", model_name=enc.name)
-    tok = run.tokenizer
-    unk = tok.unk_token_id if tok.unk_token_id is not None else tok.eos_token_id
+    extractor = LMFeatureExtractor(lm, layer=encoder.layer, direction="reverse", model_name=encoder.name)
+    unk = unknown_token_id(tokenizer)
 
     def features(inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return extractor(vocab.decode(inputs, unk_id=unk), lengths)

@@ -118,6 +118,28 @@ def test_prequel_uses_the_reverse_transition_in_reading_order():
     torch.testing.assert_close(out.last_state, out.states[:, 0])
 
 
+def test_unconditional_reverse_starts_from_the_prior_at_the_end():
+    """``direction="reverse"``: the prior draw is the last state; the path before it follows
+    ``p_r`` and comes back in reading order (same draws as the forward roll with ``p_r``)."""
+    vmt = tiny(reverse=True)
+    with torch.no_grad():
+        vmt.reverse_transition.to_scale.bias.fill_(-20.0)
+        vmt.reverse_transition.to_scale.weight.zero_()
+    torch.manual_seed(3)
+    out = sample_unconditional(vmt, 3, samples=2, direction="reverse")
+    torch.manual_seed(3)
+    last = vmt.prior.distribution().sample((2,))
+    with torch.no_grad():
+        m1 = vmt.reverse_transition.loc_scale(last)[0]
+        m2 = vmt.reverse_transition.loc_scale(m1)[0]
+    torch.testing.assert_close(out.states, torch.stack([m2, m1, last], 1), rtol=0, atol=1e-2)
+    assert out.tokens.shape == (2, 3)
+    with pytest.raises(ValueError, match="no reverse parts"):
+        sample_unconditional(tiny(), 3, direction="reverse")
+    with pytest.raises(ValueError, match="direction must be"):
+        sample_unconditional(vmt, 3, direction="sideways")
+
+
 def test_conversation_carries_the_state_across_turns():
     vmt = tiny()
     chat = Conversation(vmt, read_config=ReadConfig(window=4), samples=2)

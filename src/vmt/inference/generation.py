@@ -136,13 +136,24 @@ def write_prequel(vmt, state: torch.Tensor, num_tokens: int,
 
 @torch.no_grad()
 def sample_unconditional(vmt, num_tokens: int, samples: int = 1,
-                         sampling: SamplingConfig | None = None) -> Written:
-    """``x_1 ~ p(x)`` then forward: ``samples`` independent texts of ``num_tokens`` tokens."""
+                         sampling: SamplingConfig | None = None, direction: str = "forward") -> Written:
+    """``x_1 ~ p(x)`` then forward: ``samples`` independent texts of ``num_tokens`` tokens.
+
+    With ``direction="reverse"`` the prior draw is the state of a text's *last* token (the
+    reverse VMT shares the prior) and the path is written backward with ``p_r``; tokens and
+    states are returned in reading order.
+    """
     _check_count(num_tokens)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    transition = vmt.transition_for(direction)  # raises without reverse networks
     x1 = vmt.prior.distribution().sample((samples,))
-    return _roll(vmt, vmt.transition, x1, num_tokens, sampling or SamplingConfig(), include_start=True)
+    out = _roll(vmt, transition, x1, num_tokens, sampling or SamplingConfig(), include_start=True)
+    if direction == "reverse":
+        return Written(out.tokens.flip(1), out.states.flip(1), out.last_state)
+    return out
 
 
 class Conversation:

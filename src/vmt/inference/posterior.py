@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from vmt.inference.reading import FeatureFn, ReadConfig, read
 
@@ -38,6 +39,7 @@ def posterior_states(
     feature_fn: FeatureFn | None = None,
     labels: list[str] | None = None,
     seed: int = 0,
+    progress: bool = False,
 ):
     """``chains * draws`` posterior paths of ``tokens`` as an ArviZ ``DataTree``.
 
@@ -50,6 +52,7 @@ def posterior_states(
         feature_fn: guide features (default: the VMT's reader).
         labels: one label per token for the ``token`` coordinate (default: the ids).
         seed: base seed; the global torch RNG is left as it was.
+        progress: show a progress bar over the chains (stderr).
 
     Returns:
         ``xarray.DataTree`` (see the module docstring for groups, dims and coordinates).
@@ -65,7 +68,7 @@ def posterior_states(
     paths, loglik, predictive = [], [], []
     config = ReadConfig(window=window, keep_path=True)
     with torch.random.fork_rng(devices=[]):
-        for c in range(chains):
+        for c in tqdm(range(chains), desc="posterior chains", disable=not progress, leave=False):
             torch.manual_seed(seed + c)
             res = read(vmt, tokens, config, feature_fn, samples=draws)
             x = res.path  # (draw, time, state)

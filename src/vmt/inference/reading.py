@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import pyro.distributions as dist
 import torch
+from tqdm.auto import tqdm
 
 from vmt.models.guide import GuideNet
 
@@ -213,6 +214,7 @@ def read(
     direction: str = "forward",
     jump_features: FeatureFn | None = None,
     feature_tokens: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> ReadResult:
     """Read ``tokens`` with a bounded window and return the last state and ELBO terms.
 
@@ -230,6 +232,7 @@ def read(
         feature_tokens: ``(time,)`` what the feature function reads in place of ``tokens``
             (e.g. a frozen LM's own ids when ``tokens`` are compact emission ids, so tokens
             merged into ``<unk>`` still reach the LM as themselves).
+        progress: show a progress bar over the tokens read (stderr).
 
     Returns:
         :class:`ReadResult`.
@@ -280,6 +283,7 @@ def read(
         log_guide += guide_lp
 
     pos = 0
+    bar = tqdm(total=n, unit="tok", desc="reading", disable=not progress, leave=False)
     if config.jump:
         first = feature_tokens[: min(w, n)]
         m = first.shape[0]
@@ -294,6 +298,7 @@ def read(
         loc, scale, combined = reverse_net.first_params(ctx.expand(samples, -1))
         x_prev = _gaussian(reverse_net, loc, scale, combined).sample()
         last, windows, pos = m - 1, 1, m
+        bar.update(m)
         if path is not None:
             path[:, last] = x_prev
     while pos < n:
@@ -342,6 +347,8 @@ def read(
                 path[:, k] = x
             x_prev, last = x, k
         pos += advance
+        bar.update(advance)
+    bar.close()
     return ReadResult(
         state=x_prev, position=last, tokens_read=n, log_lik=log_lik, log_latent=log_latent,
         log_guide=log_guide, scored=scored, path=path, windows=windows,

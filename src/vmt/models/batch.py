@@ -20,7 +20,9 @@ class ChainBatch:
     """A batch of chains.
 
     Attributes:
-        obs: ``(batch, time)`` int64 tokens, or ``(batch, time, obs)`` float observations.
+        obs: ``(batch, time)`` int64 tokens, or ``(batch, time, obs)`` float observations;
+            ``None`` for a batch without observations (the model then samples them: prior
+            predictive draws, see :meth:`unobserved`).
         start: ``(batch,)`` int64, first active position of each row.
         end: ``(batch,)`` int64, one past the last active position.
         features: ``(source, time, feature)`` guide features ``h`` (``None`` when the model's
@@ -34,7 +36,7 @@ class ChainBatch:
         carried: ``(batch,)`` bool, which rows start from ``x0``.
     """
 
-    obs: torch.Tensor
+    obs: torch.Tensor | None
     start: torch.Tensor
     end: torch.Tensor
     features: torch.Tensor | None = None
@@ -44,13 +46,22 @@ class ChainBatch:
     x0: torch.Tensor | None = None
     carried: torch.Tensor | None = None
 
+    @classmethod
+    def unobserved(cls, rows: int, steps: int, **fields) -> ChainBatch:
+        """``rows`` chains over positions ``0 .. steps - 1`` with no observations."""
+        if rows < 1 or steps < 1:
+            raise ValueError(f"an unobserved batch needs rows >= 1 and steps >= 1, got {rows} and {steps}")
+        return cls(obs=None, start=torch.zeros(rows, dtype=torch.long),
+                   end=torch.full((rows,), steps, dtype=torch.long), **fields)
+
     @property
     def num_rows(self) -> int:
-        return self.obs.shape[0]
+        return self.start.shape[0] if self.obs is None else self.obs.shape[0]
 
     @property
     def num_steps(self) -> int:
-        return self.obs.shape[1]
+        """Positions on the time axis (without observations: up to the last row's end)."""
+        return int(self.end.max()) if self.obs is None else self.obs.shape[1]
 
     @property
     def num_tokens(self) -> int:
@@ -58,7 +69,7 @@ class ChainBatch:
 
     def positions(self) -> torch.Tensor:
         """``(time,)`` int64 position indices."""
-        return torch.arange(self.num_steps, device=self.obs.device)
+        return torch.arange(self.num_steps, device=self.start.device)
 
     def mask(self) -> torch.Tensor:
         """``(batch, time)`` bool, True where a row is active."""
@@ -72,7 +83,7 @@ class ChainBatch:
     def carried_rows(self) -> torch.Tensor:
         """``(batch,)`` bool."""
         if self.carried is None:
-            return torch.zeros(self.num_rows, dtype=torch.bool, device=self.obs.device)
+            return torch.zeros(self.num_rows, dtype=torch.bool, device=self.start.device)
         return self.carried
 
     def ahead(self) -> torch.Tensor:
@@ -85,7 +96,7 @@ class ChainBatch:
     def validate(self, state_dim: int | None = None, obs_dim: int | None = None) -> ChainBatch:
         """Check shapes and values; raise ``ValueError`` naming what is wrong."""
         rows, steps = self.num_rows, self.num_steps
-        if self.obs.dim() not in (2, 3):
+        if self.obs is not None and self.obs.dim() not in (2, 3):
             raise ValueError(f"obs must be (batch, time) or (batch, time, obs), got {tuple(self.obs.shape)}")
         for name in ("start", "end"):
             value = getattr(self, name)
@@ -98,7 +109,9 @@ class ChainBatch:
         if bool((self.end <= self.start).any()):
             bad = int(torch.nonzero(self.end <= self.start)[0, 0])
             raise ValueError(f"row {bad} is empty (start {int(self.start[bad])}, end {int(self.end[bad])})")
-        if self.obs.is_floating_point():
+        if self.obs is None:
+            pass
+        elif self.obs.is_floating_point():
             if not bool(torch.isfinite(self.obs).all()):
                 raise ValueError("observations contain NaN or inf")
             if obs_dim is not None and self.obs.dim() == 3 and self.obs.shape[-1] != obs_dim:

@@ -6,11 +6,20 @@
   but scores a given path in one vectorised pass (the guide side);
 * :class:`SequenceEmission` — ``prod_k p(y_k | x_k)`` over active positions.
 
-Each has ``log_prob_terms(value) -> (batch, time)`` (zero at inactive positions) and
-``log_prob(value) = log_prob_terms(value).sum(-1)`` with batch shape ``(batch,)``.
+Each has ``log_prob_terms(value) -> (..., batch, time)`` (zero at inactive positions) and
+``log_prob(value) = log_prob_terms(value).sum(-1)``. Their batch shape is ``(batch,)`` as
+built and follows Pyro's distribution contract beyond it: :meth:`expand` to any shape
+``(..., batch)`` (e.g. ``(particle, batch)`` under a vectorised-particles plate), samples of
+shape ``sample_shape + batch_shape + event_shape``, and ``log_prob`` of values with leading
+dimensions. Positions are stepped over in time; every leading dimension rides along in the
+same tensor operations, so a ``(draw, batch)`` expansion draws exactly what ``draw`` stacked
+copies of the batch would (one standard-normal draw of the whole ``(..., batch, state)``
+block per time step).
 """
 
 from __future__ import annotations
+
+import copy
 
 import pyro.distributions as dist
 import torch
@@ -21,50 +30,81 @@ from vmt.models.batch import ChainBatch
 
 
 def previous_states(x: torch.Tensor, batch: ChainBatch) -> torch.Tensor:
-    """``(batch, time, state)``: the state each position conditions on.
+    """``(..., batch, time, state)``: the state each position of ``x (..., batch, time, state)``
+    conditions on.
 
     Position ``k`` conditions on ``x_{k-1}``, except a carried row's first position, which
     conditions on ``x0``. Where nothing precedes (position 0 of an uncarried row) zeros stand in;
     those positions are scored by the prior, not the transition.
     """
-    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    prev = torch.cat([torch.zeros_like(x[..., :1, :]), x[..., :-1, :]], dim=-2)
     if batch.x0 is not None:
         use_x0 = (batch.first_mask() & batch.carried_rows()[:, None]).unsqueeze(-1)
         prev = torch.where(use_x0, batch.x0[:, None, :].to(x.dtype), prev)
     return prev
 
 
-class _ChainDistribution(TorchDistribution):
-    arg_constraints: dict = {}
-    support = constraints.real_vector
+def _expanded_shape(current: torch.Size, batch_shape, what: str) -> torch.Size:
+    """``batch_shape`` if ``current`` broadcasts to it (torch's ``expand`` rule), else an error."""
+    batch_shape = torch.Size(batch_shape)
+    try:
+        broadcast = torch.broadcast_shapes(current, batch_shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != batch_shape:
+        raise ValueError(f"{what} with batch shape {tuple(current)} cannot be expanded to {tuple(batch_shape)}")
+    return batch_shape
 
-    def __init__(self, batch: ChainBatch, state_dim: int):
+
+def _broadcast_batch(log_prob: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
+    """A log-density over values with fewer leading dimensions than the batch, broadcast to it
+    (as ``torch.distributions`` does)."""
+    shape = torch.broadcast_shapes(log_prob.shape, batch_shape)
+    return log_prob if shape == log_prob.shape else log_prob.expand(shape)
+
+
+class _ChainDistribution(TorchDistribution):
+    """Batch shape ``(..., batch)``, event shape ``(time, state)``."""
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 2)
+
+    def __init__(self, batch: ChainBatch, state_dim: int, batch_shape=None):
         self.chain_batch = batch
+        self.state_dim = state_dim
+        own = torch.Size([batch.num_rows])
         super().__init__(
-            batch_shape=torch.Size([batch.num_rows]),
+            batch_shape=own if batch_shape is None else _expanded_shape(own, batch_shape, "a chain"),
             event_shape=torch.Size([batch.num_steps, state_dim]),
             validate_args=False,
         )
 
     def expand(self, batch_shape, _instance=None):
-        if tuple(batch_shape) != tuple(self.batch_shape):
-            raise ValueError(f"a chain cannot be broadcast from {tuple(self.batch_shape)} to {tuple(batch_shape)}")
-        return self
+        """The same chains with batch shape ``(..., batch)``: independent draws along the new
+        leading dimensions (nothing is copied)."""
+        batch_shape = _expanded_shape(self.batch_shape, batch_shape, "a chain")
+        new = copy.copy(self)
+        TorchDistribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        return new
+
+    def _leading_shape(self, sample_shape) -> torch.Size:
+        return torch.Size(sample_shape) + self.batch_shape
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self.log_prob_terms(value).sum(-1)
+        """``value (..., batch, time, state)`` -> ``(...)`` broadcast with the batch shape."""
+        return _broadcast_batch(self.log_prob_terms(value).sum(-1), self.batch_shape)
 
 
 class ChainPrior(_ChainDistribution):
     """The generative model's distribution of a whole state path."""
 
-    def __init__(self, prior, transition, batch: ChainBatch, state_dim: int):
-        super().__init__(batch, state_dim)
+    def __init__(self, prior, transition, batch: ChainBatch, state_dim: int, batch_shape=None):
+        super().__init__(batch, state_dim, batch_shape)
         self.prior = prior
         self.transition = transition
 
     def log_prob_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log p(x_k), log p(x_k | previous))`` for every position, each ``(batch, time)``."""
+        """``(log p(x_k), log p(x_k | previous))`` for every position, each ``(..., batch, time)``."""
         prior_lp = self.prior.distribution().log_prob(x)
         trans_lp = self.transition.distribution(previous_states(x, self.chain_batch)).log_prob(x)
         return prior_lp, trans_lp
@@ -78,23 +118,23 @@ class ChainPrior(_ChainDistribution):
 
     @torch.no_grad()
     def sample(self, sample_shape=torch.Size()):
-        """Ancestral sampling of every row's path (positions before ``start`` are filler)."""
-        if sample_shape != torch.Size():
-            raise ValueError("draw several paths by repeating rows of the batch")
+        """Ancestral sampling of every row's path: ``sample_shape + batch_shape + (time, state)``
+        (positions before ``start`` are filler)."""
         b = self.chain_batch
+        shape = self._leading_shape(sample_shape)
         from_prior = b.first_mask() & ~b.carried_rows()[:, None]
         use_x0 = b.first_mask() & b.carried_rows()[:, None]
         prior = self.prior.distribution()
-        x_prev = prior.sample((b.num_rows,))
+        x_prev = prior.sample(shape)
         states = []
         for k in range(b.num_steps):
             if b.x0 is not None:
                 x_prev = torch.where(use_x0[:, k : k + 1], b.x0.to(x_prev.dtype), x_prev)
-            fresh = prior.sample((b.num_rows,))
+            fresh = prior.sample(shape)
             moved = self.transition.distribution(x_prev).sample()
             x_prev = torch.where(from_prior[:, k : k + 1], fresh, moved)
             states.append(x_prev)
-        return torch.stack(states, dim=1)
+        return torch.stack(states, dim=-2)
 
 
 class GuideChain(_ChainDistribution):
@@ -108,8 +148,8 @@ class GuideChain(_ChainDistribution):
 
     has_rsample = True
 
-    def __init__(self, net, context: torch.Tensor, batch: ChainBatch):
-        super().__init__(batch, net.config.state_dim)
+    def __init__(self, net, context: torch.Tensor, batch: ChainBatch, batch_shape=None):
+        super().__init__(batch, net.config.state_dim, batch_shape)
         self.net = net
         self.context = context
         self.first_loc, self.first_scale, self.first_combined = net.first_params(context)
@@ -121,15 +161,14 @@ class GuideChain(_ChainDistribution):
         return dist.TransformedDistribution(base, transforms) if transforms else base
 
     def rsample(self, sample_shape=torch.Size()):
-        """Sample the path step by step; only the ``x``-dependent work is in the loop.
+        """Sample paths ``sample_shape + batch_shape + (time, state)`` step by step; only the
+        ``x``-dependent work is in the loop.
 
         The time axis of every precomputed tensor is unbound once (indexing ``[:, k]`` inside
         the loop would make each backward step write a gradient over the whole time axis),
         and the first-state selection is applied only at positions where some row starts.
         The Gaussian draw consumes the random stream exactly as ``Normal.rsample`` does.
         """
-        if sample_shape != torch.Size():
-            raise ValueError("draw several paths by repeating rows of the batch")
         b = self.chain_batch
         carried = b.carried_rows()[:, None]
         first = b.first_mask() & ~carried
@@ -140,7 +179,7 @@ class GuideChain(_ChainDistribution):
         first_loc, first_scale = self.first_loc.unbind(1), self.first_scale.unbind(1)
         first_combined = self.first_combined.unbind(1)
         flows = len(self.net.flows) > 0
-        x_prev = torch.zeros_like(first_loc[0])
+        x_prev = first_loc[0].new_zeros(self._leading_shape(sample_shape) + first_loc[0].shape[-1:])
         states = []
         for k in range(b.num_steps):
             if x0_at[k]:
@@ -156,14 +195,15 @@ class GuideChain(_ChainDistribution):
             else:
                 x_prev = loc + torch.empty_like(loc).normal_() * scale
             states.append(x_prev)
-        return torch.stack(states, dim=1)
+        return torch.stack(states, dim=-2)
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():
             return self.rsample(sample_shape)
 
     def position_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """The guide's conditional at every position given the path ``x``: batch ``(batch, time)``."""
+        """The guide's conditional at every position given the path ``x (..., batch, time, state)``:
+        batch shape ``(..., batch, time)``."""
         b = self.chain_batch
         first = (b.first_mask() & ~b.carried_rows()[:, None]).unsqueeze(-1)
         loc, scale, combined = self.net.step_params(previous_states(x, b), self.step_context)
@@ -178,37 +218,51 @@ class GuideChain(_ChainDistribution):
 
 
 class SequenceEmission(TorchDistribution):
-    """``prod_k p(y_k | x_k)`` over each row's active positions; batch ``(batch,)``."""
+    """``prod_k p(y_k | x_k)`` over each row's active positions.
+
+    Batch shape ``x.shape[:-2]`` (``(..., batch)``); event shape ``(time,)`` for tokens,
+    ``(time, obs)`` for vectors. Without observations in the batch (``obs=None``, prior
+    predictive sampling) the event shape comes from the emission.
+
+    Args:
+        emission: the emission module (``distribution``, ``log_prob``, ``obs_shape``).
+        x: ``(..., batch, time, state)`` states.
+        batch: the chains.
+    """
 
     arg_constraints: dict = {}
 
-    def __init__(self, emission, x: torch.Tensor, batch: ChainBatch):
+    def __init__(self, emission, x: torch.Tensor, batch: ChainBatch, batch_shape=None):
         self.emission = emission
-        self.x = x
         self.chain_batch = batch
-        event = tuple(batch.obs.shape[1:])
-        super().__init__(torch.Size([batch.num_rows]), torch.Size(event), validate_args=False)
+        own = x.shape[:-2]
+        if batch_shape is not None:
+            batch_shape = _expanded_shape(own, batch_shape, "an emission")
+            x = x.expand(batch_shape + x.shape[-2:])
+        self.x = x
+        event = (batch.num_steps, *emission.obs_shape)
+        super().__init__(x.shape[:-2], torch.Size(event), validate_args=False)
 
     @property
     def support(self):
-        if self.chain_batch.obs.is_floating_point():
+        if self.event_dim == 2:
             return constraints.independent(constraints.real, 2)
         return constraints.independent(constraints.nonnegative_integer, 1)
 
     def expand(self, batch_shape, _instance=None):
-        if tuple(batch_shape) != tuple(self.batch_shape):
-            raise ValueError(f"cannot broadcast emissions to {tuple(batch_shape)}")
-        return self
+        return SequenceEmission(self.emission, self.x, self.chain_batch, batch_shape)
 
     def log_prob_terms(self, y: torch.Tensor) -> torch.Tensor:
+        """``y (..., batch, time[, obs])`` -> ``(..., batch, time)``, zero at inactive positions."""
         mask = self.chain_batch.mask()
         y_safe = y if y.is_floating_point() else torch.where(mask, y, torch.zeros_like(y))
         terms = self.emission.log_prob(self.x, y_safe)
         return torch.where(mask, terms, torch.zeros_like(terms))
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        return self.log_prob_terms(y).sum(-1)
+        return _broadcast_batch(self.log_prob_terms(y).sum(-1), self.batch_shape)
 
     def sample(self, sample_shape=torch.Size()):
+        """``sample_shape + batch_shape + event_shape`` observations drawn at every position."""
         with torch.no_grad():
             return self.emission.distribution(self.x).sample(sample_shape)

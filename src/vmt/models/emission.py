@@ -38,10 +38,18 @@ class CategoricalEmission(PyroModule):
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         return dist.Categorical(logits=self.logits(x))
 
+    @property
+    def obs_shape(self) -> tuple[int, ...]:
+        """Shape of one observation: a token id."""
+        return ()
+
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """log p(y | x) for states (..., state) and tokens (...) int64 -> (...)."""
+        """log p(y | x) for states (..., state) and tokens (...) int64 -> (...) (broadcast)."""
         logp = torch.log_softmax(self.logits(x), dim=-1)
-        return logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        shape = torch.broadcast_shapes(logp.shape[:-1], y.shape)
+        if shape != logp.shape[:-1]:
+            logp = logp.expand(*shape, logp.shape[-1])
+        return logp.gather(-1, y.clamp(min=0).expand(shape).unsqueeze(-1)).squeeze(-1)
 
     def init_from_lm_head(self, weight: torch.Tensor, freeze: bool = False) -> None:
         """Copy a pretrained LM head ``(vocab, state)`` into a linear emission.
@@ -67,6 +75,7 @@ class BernoulliEmission(PyroModule):
 
     def __init__(self, state_dim: int, obs_dim: int, hidden: int = 0):
         super().__init__()
+        self.obs_shape = (obs_dim,)
         self.net = _mlp(state_dim, hidden, obs_dim)
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
@@ -81,6 +90,7 @@ class GaussianEmission(PyroModule):
 
     def __init__(self, state_dim: int, obs_dim: int, hidden: int = 0):
         super().__init__()
+        self.obs_shape = (obs_dim,)
         self.net = _mlp(state_dim, hidden, obs_dim)
         self.scale = PyroParam(torch.ones(obs_dim), constraint=constraints.positive)
 
