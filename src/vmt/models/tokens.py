@@ -208,6 +208,11 @@ class TokenEmission(PyroModule):
         self._shared = _Shared(mixture)
         self.vocab_size = mixture.vocab_size
 
+    @property
+    def obs_shape(self) -> tuple[int, ...]:
+        """Shape of one observation: ``()`` (a token id)."""
+        return ()
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., state) -> (..., vocab)`` unnormalised log-probabilities."""
         mixture = self._shared.module
