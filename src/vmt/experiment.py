@@ -249,6 +249,19 @@ class TextRun:
         cache = FeatureCache.build(extractor, corpus, window=enc.window, overlap=enc.overlap, progress=self.progress)
         return cache.__getitem__, cache.hidden_size
 
+    def teacher(self, corpus, vocab):
+        """The pretrained LM's teacher-forced next-token distributions over ``corpus``, mapped
+        into ``vocab`` (cached; see :class:`vmt.encoders.teacher.TeacherTargets`)."""
+        from vmt.encoders.teacher import TeacherTargets
+
+        if self.lm is None:
+            raise ValueError("distillation needs a pretrained LM (the preset's encoder.name)")
+        tok = self.tokenizer
+        bos = tok.bos_token_id if getattr(tok, "bos_token_id", None) is not None else tok.eos_token_id
+        key = f"{self.preset.encoder.name}|{corpus.fingerprint}|{hash_ids(vocab.kept)}"
+        return TeacherTargets.build(self.lm, corpus.documents, vocab.encode, bos_id=int(bos), key=key,
+                                    progress=self.progress)
+
     def build_vmt(self, vocab, feature_dim: int | None):
         from vmt.models import VariationalMarkovTransformer, VMTConfig
 
@@ -305,8 +318,9 @@ def _run_text(preset, schedule, out_dir: Path, texts, corpus_name, resume, progr
     }
     logger.info("training on %d tokens (%d documents), vocabulary %d + <unk>",
                 run.train_corpus.num_tokens, len(run.train_corpus), vocab.size - 1)
+    teacher = run.teacher(run.train_corpus, vocab) if schedule.train.distill_weight > 0 else None
     result = fit(vmt, train_docs, schedule.train, train_lookup, out_dir / "checkpoint", resume, progress, meta,
-                 accept_schedule)
+                 accept_schedule, teacher)
     if result.stopped == "interrupted":
         raise RunInterrupted(result)
     if not result.ok:
@@ -320,6 +334,13 @@ def _run_text(preset, schedule, out_dir: Path, texts, corpus_name, resume, progr
     }, indent=1))
     partial.replace(out_dir / "results.json")
     return RunResult(result, test, result.checkpoint, curve, vmt, run, vocab)
+
+
+def hash_ids(ids) -> str:
+    """A short content hash of a list of ids (e.g. a vocabulary's kept LM ids)."""
+    import hashlib
+
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
 def reading_features(run: TextRun, vocab):

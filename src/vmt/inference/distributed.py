@@ -239,6 +239,8 @@ class DistributedTrainer:
     ) -> None:
         if config.regime not in ("subsequence", "windows"):
             raise ValueError(f"regime must be 'subsequence' or 'windows', got {config.regime!r}")
+        if config.distill_weight > 0:
+            raise ValueError("distillation (distill_weight > 0) runs in the single-process trainer only")
         if features is None and vmt.reader is None:
             raise ValueError("give cached features or a VMT with a trainable reader")
         self.rank, self.world_size = (

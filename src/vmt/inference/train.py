@@ -47,6 +47,7 @@ from vmt.checkpoint import (
     read_meta_for,
     save_checkpoint,
 )
+from vmt.encoders.teacher import TeacherTargets, soft_cross_entropy
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import (
     Curriculum,
@@ -80,6 +81,7 @@ class TrainConfig:
     max_skip: int = 8
     annealing_start: float = 1.0
     annealing_steps: int = 0
+    distill_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -110,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"direction must be 'forward' or 'reverse', got {self.direction!r}")
         if not 0 <= self.aux_weight < 1:
             raise ValueError(f"aux_weight must lie in [0, 1), got {self.aux_weight}")
+        if not self.distill_weight >= 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_weight > 0 and self.regime != "windows":
+            raise ValueError("distillation (distill_weight > 0) needs regime 'windows'")
         if not 0 < self.annealing_start <= 1:
             raise ValueError(f"annealing_start must lie in (0, 1], got {self.annealing_start}")
         for name in ("steps", "batch_size", "window", "budget", "checkpoint_every", "log_every"):
@@ -174,6 +180,10 @@ class Trainer:
         features: lookup of cached guide features per document (frozen encoder), or
             ``None`` when the VMT has a trainable reader.
         checkpoint_dir: where checkpoints go (``None``: none are written).
+        teacher: a pretrained LM's next-token distributions per document
+            (:class:`~vmt.encoders.teacher.TeacherTargets`), needed when
+            ``config.distill_weight > 0``: the loss then adds ``distill_weight`` times the
+            cross-entropy of the VMT's next-token predictive against them (teacher-forced).
     """
 
     def __init__(
@@ -184,9 +194,20 @@ class Trainer:
         features: FeatureLookup | None = None,
         checkpoint_dir: str | Path | None = None,
         meta: dict | None = None,
+        teacher: TeacherTargets | None = None,
     ):
         if features is None and vmt.reader is None:
             raise ValueError("give cached features or a VMT with a trainable reader")
+        if config.distill_weight > 0:
+            if teacher is None:
+                raise ValueError("distill_weight > 0 needs teacher targets")
+            if not hasattr(vmt.emission, "predictive_log_probs"):
+                raise ValueError(
+                    f"distillation needs an emission with a next-token predictive (the token "
+                    f"family), got emission {vmt.config.emission!r}")
+            if len(teacher) != len(documents):
+                raise ValueError(f"teacher targets cover {len(teacher)} documents, training has {len(documents)}")
+        self.teacher = teacher
         self.vmt = vmt
         self.documents = list(documents)
         self.config = config
@@ -299,6 +320,12 @@ class Trainer:
             batch = batch_to(batch, self._device())
             terms = elbo_terms(self.vmt, batch, c.direction)
             loss = -terms.elbo_per_row(annealing).sum() / terms.mask.sum()
+            if c.distill_weight > 0:
+                ids, probs = self.teacher.window(window.documents, window.offsets, batch.num_steps)
+                log_probs = self.vmt.emission.predictive_log_probs(terms.x)
+                ce = soft_cross_entropy(log_probs, ids.to(log_probs.device), probs.to(log_probs.device),
+                                        terms.mask)
+                loss = loss + c.distill_weight * ce
         if c.aux_weight > 0:
             aux = auxiliary_losses(terms, batch, self._skip())
             loss = loss + c.aux_weight * (aux["init"] + aux["prior"] + aux["skip"])
@@ -490,9 +517,10 @@ def _run_steps(trainer, progress: bool) -> TrainResult:
 
 def fit(vmt, documents, config: TrainConfig, features: FeatureLookup | None = None,
         checkpoint_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-        meta: dict | None = None, accept_schedule: bool = False) -> TrainResult:
+        meta: dict | None = None, accept_schedule: bool = False,
+        teacher: TeacherTargets | None = None) -> TrainResult:
     """Train ``vmt`` by SVI (see :class:`Trainer`); resumes from ``checkpoint_dir`` if asked."""
-    trainer = Trainer(vmt, documents, config, features, checkpoint_dir, meta)
+    trainer = Trainer(vmt, documents, config, features, checkpoint_dir, meta, teacher)
     if resume:
         trainer.resume(accept_schedule)
     return trainer.fit(progress)

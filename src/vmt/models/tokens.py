@@ -221,6 +221,12 @@ class TokenEmission(PyroModule):
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         return dist.Categorical(logits=self.logits(x))
 
+    def predictive_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(y_k = v | m_k) = log pi_v(m_k)``: the next-token distribution before the slot
+        is read, ``(..., state) -> (..., vocab)`` (what distillation compares with an LM)."""
+        mixture = self._shared.module
+        return mixture.head_log_probs(mixture.split(x)[0])
+
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``log p(y | x)``: states ``(..., state)``, tokens ``(...)`` -> ``(...)``."""
         logp = torch.log_softmax(self.logits(x), dim=-1)
