@@ -40,7 +40,7 @@ lock:
 	@echo "wrote $(LOCK); run make test to check it"
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests requirements
 	$(BIN)/python -m pytest tests -q
 
 test-fast: $(STAMP)
@@ -81,7 +81,7 @@ bench: $(STAMP)
 	$(BIN)/vmt bench --list
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests requirements
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-bounds .venv-lock site .pytest_cache
