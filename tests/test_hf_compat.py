@@ -89,3 +89,19 @@ def test_installed_transformers_gets_the_keyword_of_its_release():
     assert cache_keyword(masking_utils.create_sliding_window_causal_mask) == expected
     sentinel = object()
     assert output_cache(CausalLMOutputWithPast(**{expected: sentinel})) is sentinel
+
+
+def test_benchmark_decoding_extends_the_cache_it_is_given():
+    """The generation-speed benchmark's prefill/decode pass the cache under the right keyword:
+    every decoding step lands in the prefilled cache (a dropped cache would leave it unchanged)."""
+    import torch
+
+    from vmt.benchmarks.generation_speed import lm_decode, lm_prefill
+    from vmt.testing import tiny_llama
+
+    lm = tiny_llama().eval()
+    context = torch.randint(0, lm.config.vocab_size, (12,))
+    past, last = lm_prefill(lm, context)
+    assert past.get_seq_length() == 11 and last.shape == (1, 1)
+    assert lm_decode(lm, past, last, 5) > 0
+    assert past.get_seq_length() == 16
