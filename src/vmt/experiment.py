@@ -2,10 +2,11 @@
 
 A run combines a **model preset** (``models/NAME.json``: the encoder/reader and the VMT's
 sizes) with a **schedule** (``inference/NAME.json``: data budget, training and evaluation
-settings). Text runs tokenise with the pretrained LM's tokenizer, split the corpus by document,
-build a compact emission vocabulary on the training split (with an honest full-vocabulary
-correction, see :class:`vmt.data.vocab.Vocabulary`), cache frozen LM features once, train,
-and evaluate held-out bounds.
+settings); both ship with vmt as package data (``vmt/configs``), and files of the same layout
+in the working directory take precedence. Text runs tokenise with the pretrained LM's
+tokenizer, split the corpus by document, build a compact emission vocabulary on the training
+split (with an honest full-vocabulary correction, see :class:`vmt.data.vocab.Vocabulary`),
+cache frozen LM features once, train, and evaluate held-out bounds.
 """
 
 from __future__ import annotations
@@ -14,34 +15,63 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vmt.inference.evaluate import EvalResult, evaluate
 from vmt.inference.train import TrainConfig, TrainResult, fit
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 logger = logging.getLogger(__name__)
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_FOLDERS = ("models", "inference")
 
 
-def resolve_config(name_or_path: str, folder: str) -> Path:
-    """``models/NAME.json``-style lookup: a path, or a name in ./FOLDER or the source tree."""
+def _shipped(folder: str) -> Traversable:
+    if folder not in CONFIG_FOLDERS:
+        raise ValueError(f"configuration folder must be 'models' or 'inference', got {folder!r}")
+    return resources.files("vmt") / "configs" / folder
+
+
+def shipped_configs(folder: str) -> list[str]:
+    """Names of the presets (``folder="models"``) or schedules (``"inference"``) shipped with vmt."""
+    return sorted(e.name[: -len(".json")] for e in _shipped(folder).iterdir() if e.name.endswith(".json"))
+
+
+def resolve_config(name_or_path: str, folder: str) -> Path | Traversable:
+    """A run configuration: a path to a JSON file, else ``./FOLDER/NAME.json``, else the one shipped.
+
+    ``folder`` is ``"models"`` (presets) or ``"inference"`` (schedules). Files in the working
+    directory come first, so a local ``models/text-gru.json`` overrides the shipped preset; the
+    shipped ones are package data of :mod:`vmt` (``vmt/configs/FOLDER``), read with
+    :mod:`importlib.resources`, so they are found from any directory once vmt is installed.
+    """
+    shipped = _shipped(folder)
     path = Path(name_or_path)
     if path.suffix == ".json" and path.is_file():
         return path
-    for root in (Path.cwd(), PACKAGE_ROOT):
-        candidate = root / folder / f"{name_or_path}.json"
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in (Path.cwd() / folder).glob("*.json")) if (Path.cwd() / folder).is_dir() else []
-    raise FileNotFoundError(f"no {folder} configuration {name_or_path!r} (known here: {known})")
+    local = Path.cwd() / folder / f"{name_or_path}.json"
+    if local.is_file():
+        return local
+    candidate = shipped / f"{name_or_path}.json"
+    if candidate.is_file():
+        return candidate
+    here = Path.cwd() / folder
+    known = sorted(p.stem for p in here.glob("*.json")) if here.is_dir() else []
+    known = sorted(set(known) | set(shipped_configs(folder)))
+    raise FileNotFoundError(f"no {folder} configuration {name_or_path!r} (known: {known})")
 
 
-def load_json(path: Path) -> dict:
+def load_json(path: str | Path | Traversable) -> dict:
+    """The JSON object in a file (a path, or a :func:`resolve_config` result)."""
+    source = Path(path) if isinstance(path, str) else path
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(source.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):

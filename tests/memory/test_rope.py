@@ -3,6 +3,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from vmt.hf_compat import cache_kwargs
 from vmt.memory import KVStream, StreamingLLM, check_supported_model, inverse_frequencies
 from vmt.memory.rope import rerotate_keys, rotation_cos_sin
 from vmt.testing import tiny_llama
@@ -79,13 +80,13 @@ def _rerotation_vs_fresh(model, n_tokens, keep, next_token):
         k_new, _ = apply_rotary_pos_emb(k[:, :, keep], k[:, :, keep], cos, sin)
         fresh.update(k_new, v[:, :, keep], i)
     with torch.no_grad():
-        want = model(torch.tensor([[next_token]]), past_key_values=fresh).logits[0, 0]
+        want = model(torch.tensor([[next_token]]), **cache_kwargs(model, fresh)).logits[0, 0]
     naive = DynamicCache(config=model.config)  # moved without re-rotation: must differ
     for i, (k, v) in enumerate(zip(raw, values, strict=True)):
         k_old, _ = apply_rotary_pos_emb(k, k, *model.model.rotary_emb(k, torch.arange(n_tokens)[None]))
         naive.update(k_old[:, :, keep], v[:, :, keep], i)
     with torch.no_grad():
-        wrong = model(torch.tensor([[next_token]]), past_key_values=naive).logits[0, 0]
+        wrong = model(torch.tensor([[next_token]]), **cache_kwargs(model, naive)).logits[0, 0]
     return got, want, wrong
 
 

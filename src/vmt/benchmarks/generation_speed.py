@@ -23,6 +23,7 @@ import torch
 
 from vmt.benchmarks.report import BenchResult, markdown_table
 from vmt.encoders.readers import GRUReader
+from vmt.hf_compat import cache_kwargs, output_cache
 from vmt.inference.generation import write
 from vmt.inference.reading import ReadConfig, read
 from vmt.models import VMTConfig
@@ -53,8 +54,8 @@ def lm_decode(lm, past, last: torch.Tensor, n: int) -> float:
     start = time.perf_counter()
     token = last
     for _ in range(n):
-        out = lm(input_ids=token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = lm(input_ids=token, use_cache=True, **cache_kwargs(lm, past))
+        past = output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
 
@@ -62,7 +63,7 @@ def lm_decode(lm, past, last: torch.Tensor, n: int) -> float:
 @torch.no_grad()
 def lm_prefill(lm, context: torch.Tensor):
     out = lm(input_ids=context[None, :-1], use_cache=True)
-    return out.past_key_values, context[None, -1:]
+    return output_cache(out), context[None, -1:]
 
 
 def run(quick: bool, figure_dir: Path) -> BenchResult:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vmt.encoders.lora import LoRAConfig, add_lora, lora_parameters
+from vmt.hf_compat import cache_keyword
 
 __all__ = ["LMFeatureExtractor", "check_lengths", "flip_within_lengths", "length_mask"]
 
@@ -200,13 +201,13 @@ class LMFeatureExtractor(nn.Module):
         hidden = decoder.embed_tokens(tokens)
         position_ids = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
         position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
-        mask_args = dict(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        mask_args = {
+            "config": self.config,
+            "inputs_embeds": hidden,
+            "attention_mask": None,
+            "position_ids": position_ids,
+            cache_keyword(masking_utils.create_causal_mask): None,
+        }
         layer_types = getattr(self.config, "layer_types", None)
         masks: dict[str, Any] = {}
         for i, block in enumerate(decoder.layers[: self.layer]):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vmt.hf_compat import cache_kwargs, output_cache
 from vmt.memory.cache import CacheState, EvictionPolicy, FullContext, cache_length
 from vmt.memory.rope import check_supported_model, inverse_frequencies
 
@@ -133,10 +134,10 @@ class KVStream:
         with torch.no_grad():
             out = self.model(
                 input_ids=tokens[None].to(self._device),
-                past_key_values=self.state.cache,
                 use_cache=True,
+                **cache_kwargs(self.model, self.state.cache),
             )
-        self.state.cache = out.past_key_values
+        self.state.cache = output_cache(out)
         length = self.cache_length
         self.max_cache_length = max(self.max_cache_length, length)
         if self.policy.budget is not None and length > self.policy.budget:
