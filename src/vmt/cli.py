@@ -9,6 +9,10 @@ from pathlib import Path
 
 logger = logging.getLogger("vmt")
 
+# What `vmt demo` fits: a model preset and a schedule shipped with the package.
+DEMO_PRESET = "text-token"
+DEMO_SCHEDULE = "token-demo"
+
 
 def _bench(args: argparse.Namespace) -> int:
     from vmt import benchmarks
@@ -135,15 +139,31 @@ def _fit(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from vmt import experiment
 
-    result = _run(args, "text-smollm2", "demo", args.out)
+    result = _run(args, DEMO_PRESET, DEMO_SCHEDULE, args.out)
+    base = experiment.split_baselines(result.text_run)
+    test = result.test
+    lines = [f"on the same held-out split ({base.tokens} tokens), nats/token over the LM's full vocabulary:",
+             f"  unigram (add-1/2)           {base.unigram:.4f}",
+             f"  Kneser-Ney bigram           {base.bigram:.4f}"]
+    if base.lm_document is not None:
+        lines.append(f"  SmolLM2, whole document     {base.lm_document:.4f}")
+    lines.append(f"  this VMT, IWAE-{test.particles} bound      {test.iwae_per_token:.4f}"
+                 f"  ({'below' if test.iwae_per_token < base.bigram else 'not below'} the bigram)")
     usage = experiment.demo_usage(result, args.out)
-    sys.stdout.write(
+    lines += [
         f"read a held-out document of {usage.tokens_read} tokens in {usage.windows} windows "
         f"(state carried): {usage.neg_elbo_per_token:.4f} nats/token (single-sample -ELBO, "
-        f"compact vocabulary)\ncontinuation: {usage.continuation!r}\n"
-        + (f"prequel (written in reverse, shown in reading order): {usage.prequel!r}\n" if usage.prequel is not None else "")
-        + f"posterior state trajectory: {usage.trajectory_plot}\n"
-    )
+        f"compact vocabulary)",
+        f"continuation: {usage.continuation!r}",
+    ]
+    if usage.continuation_nll is not None:
+        lines.append(f"  mean NLL under SmolLM2 given the read text: VMT continuation "
+                     f"{usage.continuation_nll:.3f}, bigram sample of the same length "
+                     f"{usage.bigram_sample_nll:.3f} nats/token")
+    if usage.prequel is not None:
+        lines.append(f"prequel (written in reverse, shown in reading order): {usage.prequel!r}")
+    lines.append(f"posterior state trajectory: {usage.trajectory_plot}")
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 

@@ -229,7 +229,13 @@ class RunResult:
 
 @dataclass
 class DemoUsage:
-    """What :func:`demo_usage` read, wrote and plotted."""
+    """What :func:`demo_usage` read, wrote and plotted.
+
+    ``continuation_nll`` and ``bigram_sample_nll`` are the mean NLL (nats/token) under the
+    pretrained LM, given the same read context, of the VMT's continuation and of a sample of
+    the same length from the Kneser–Ney bigram fitted on the training split (``None`` without
+    a pretrained LM).
+    """
 
     tokens_read: int
     windows: int
@@ -237,6 +243,20 @@ class DemoUsage:
     continuation: str
     trajectory_plot: Path
     prequel: str | None = None
+    continuation_nll: float | None = None
+    bigram_sample_nll: float | None = None
+
+
+@dataclass(frozen=True)
+class SplitBaselines:
+    """Held-out NLL (nats/token over the LM's full vocabulary) of reference models on a run's
+    split: add-½ unigram and Kneser–Ney bigram fitted on its training split, and the
+    pretrained LM reading each whole held-out document (``None`` without one)."""
+
+    tokens: int
+    unigram: float
+    bigram: float
+    lm_document: float | None
 
 
 class TextRun:
@@ -309,7 +329,29 @@ class TextRun:
                            max_window=max(enc.window, self.schedule.train.max_length,
                                           self.schedule.train.window, self.schedule.eval_window),
                            **self.preset.vmt)
-        return VariationalMarkovTransformer(config, reader_spec=reader_spec)
+        vmt = VariationalMarkovTransformer(config, reader_spec=reader_spec)
+        if config.token_basis_dim:
+            vmt.tokens.set_basis(self.token_basis(vocab, config.token_basis_dim))
+        return vmt
+
+    def token_basis(self, vocab, dim: int) -> torch.Tensor:
+        """``(vocab, dim)``: the pretrained LM's input embedding of every kept token (``<unk>``:
+        the mean embedding of the ids merged into it), reduced to its ``dim`` leading
+        principal components when ``dim`` is smaller than the LM's hidden size."""
+        if self.lm is None:
+            raise ValueError("token_basis_dim needs a pretrained LM (the preset's encoder.name)")
+        table = self.lm.get_input_embeddings().weight.detach().float()
+        if dim > table.shape[1]:
+            raise ValueError(f"token_basis_dim is {dim} but the LM's embeddings have only {table.shape[1]} dims")
+        kept = torch.tensor(vocab.kept, dtype=torch.long)
+        merged = torch.ones(table.shape[0], dtype=torch.bool)
+        merged[kept] = False
+        rows = torch.cat([table[merged].mean(0, keepdim=True), table[kept]])  # (vocab, hidden)
+        if dim < rows.shape[1]:
+            centred = rows - rows.mean(0)
+            _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+            rows = centred @ vh[:dim].T  # (vocab, dim)
+        return rows
 
 
 def run_text(preset: ModelPreset, schedule: Schedule, out_dir: str | Path, texts: list[str] | None = None,
@@ -431,7 +473,9 @@ def fit_reverse(result: RunResult, out_dir: str | Path, steps: int, progress: bo
     # already a forward reading of the original text)
     docs = reverse_documents([vocab.encode(d) for d in run.train_corpus.documents])
     freeze_shared_parts(vmt)
-    config = replace(run.schedule.train, direction="reverse", steps=steps, checkpoint_every=max(steps, 1))
+    # the teacher's targets are forward next-token distributions: no distillation in reverse
+    config = replace(run.schedule.train, direction="reverse", steps=steps, checkpoint_every=max(steps, 1),
+                     distill_weight=0.0)
     trained = fit(vmt, docs, config, lookup, progress=progress)
     if not trained.ok:
         raise RuntimeError(f"reverse training stopped: {trained.stopped}")
@@ -474,12 +518,65 @@ def demo_usage(result: RunResult, out_dir: str | Path, max_read: int = 1024,
 
     text = decode(written.tokens[0])
     prequel = decode(before.tokens[0]) if before is not None else None
+    cont_nll = bigram_nll = None
+    if run.lm is not None:
+        from vmt.data.ngram import KneserNey
+
+        generator = torch.Generator().manual_seed(seed)
+        written_ids = vocab.decode(written.tokens[0], unk_id=unk)
+        cont_nll = continuation_nll(run.lm, doc, written_ids)
+        bigram = KneserNey(run.train_corpus.documents, run.train_corpus.vocab_size, order=2)
+        sample = [int(doc[-1])]
+        for _ in range(len(written_ids)):
+            probs = torch.as_tensor(bigram.distribution(sample[-1:]), dtype=torch.float64)
+            sample.append(int(torch.multinomial(probs, 1, generator=generator)))
+        bigram_nll = continuation_nll(run.lm, doc, torch.tensor(sample[1:]))
     opening = doc[:48]
     labels = [run.tokenizer.decode([int(t)]) for t in opening]
     tree = posterior_states(vmt, ids[:48], chains=2, draws=50, window=window,
                             feature_fn=feature_fn, labels=labels, seed=seed)
     plot = plot_trajectories(tree, Path(out_dir) / "posterior_trajectory.png", states=[0, 1, 2])
-    return DemoUsage(len(ids), res.windows, res.neg_elbo_per_token(), text, Path(plot), prequel)
+    return DemoUsage(len(ids), res.windows, res.neg_elbo_per_token(), text, Path(plot), prequel,
+                     cont_nll, bigram_nll)
+
+
+def document_start_id(tokenizer) -> int:
+    """The token a document is read after (beginning of text, else end of text)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(bos if bos is not None else tokenizer.eos_token_id)
+
+
+def split_baselines(run: TextRun) -> SplitBaselines:
+    """:class:`SplitBaselines` of a text run's held-out split."""
+    from vmt.data.ngram import AddHalfUnigram, KneserNey
+
+    train = run.train_corpus.documents
+    test = [d for d in run.test_corpus.documents if len(d)]
+    vocab_size = run.train_corpus.vocab_size
+    tokens = sum(len(d) for d in test)
+    unigram = AddHalfUnigram(train, vocab_size)
+    bigram = KneserNey(train, vocab_size, order=2)
+    uni = -sum(float(unigram.token_log_probs(d).sum()) for d in test) / tokens
+    bi = -sum(float(bigram.token_log_probs(d).sum()) for d in test) / tokens
+    lm_nll = None
+    if run.lm is not None:
+        from vmt.memory import streaming_nll
+
+        start = torch.tensor([document_start_id(run.tokenizer)])
+        with torch.no_grad():
+            lm_nll = sum(float(streaming_nll(run.lm, torch.cat([start, d.long()]), None,
+                                             chunk_size=512).sum()) for d in test) / tokens
+    return SplitBaselines(tokens, uni, bi, lm_nll)
+
+
+@torch.no_grad()
+def continuation_nll(lm, context: torch.Tensor, continuation: torch.Tensor, max_context: int = 256) -> float:
+    """Mean NLL (nats/token) of ``continuation`` under ``lm`` given the last ``max_context``
+    tokens of ``context`` (both ``(time,)`` LM ids)."""
+    ctx = context[-max_context:].long()
+    ids = torch.cat([ctx, continuation.long()])[None]
+    logp = torch.log_softmax(lm(ids).logits[0, len(ctx) - 1 : -1].float(), -1)
+    return float(-logp.gather(-1, continuation.long()[:, None]).mean())
 
 
 def evaluate_text(vmt, run: TextRun, vocab) -> EvalResult:

@@ -140,3 +140,27 @@ def test_markov_source_reaches_its_entropy_rate():
     kl = (terms.log_guide - terms.log_latent)[terms.mask].mean()
     assert float(kl) > 0.5 * rate
     assert math.isfinite(float(kl))
+
+
+def test_basis_parameterisation_shapes_and_checks():
+    """With fixed token vectors the embeddings and head go through them; a wrong basis shape
+    is refused with the shapes named."""
+    torch.manual_seed(4)
+    vmt = token_vmt(vocab=7, state=12, token_dim=4, token_basis_dim=5)
+    with pytest.raises(ValueError, match=r"\(7, 5\)"):
+        vmt.tokens.set_basis(torch.randn(7, 6))
+    basis = torch.randn(7, 5, dtype=torch.float64)
+    vmt.tokens.set_basis(basis)
+    assert torch.allclose(vmt.tokens.basis.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+    table = vmt.tokens.table()
+    assert table.shape == (7, 4)
+    # tokens with equal basis vectors share embeddings (up to the per-token head bias)
+    same = basis.clone()
+    same[3] = same[2]
+    vmt.tokens.set_basis(same)
+    assert torch.allclose(vmt.tokens.table()[2], vmt.tokens.table()[3])
+    batch = random_batch(vmt)
+    terms = elbo_terms(vmt, batch)
+    assert torch.isfinite(terms.log_latent).all()
+    with pytest.raises(ValueError, match="no basis"):
+        token_vmt().tokens.set_basis(basis)

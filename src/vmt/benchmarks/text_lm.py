@@ -44,7 +44,7 @@ SUMMARY = "held-out nats/token on one text split: n-grams, same-budget GRU, Smol
 logger = logging.getLogger(__name__)
 
 #: The VMT rows: ``(model preset, schedule)`` pairs fitted and scored by :func:`vmt_rows`.
-VMT_PRESETS: list[tuple[str, str]] = [("text-smollm2", "demo")]
+VMT_PRESETS: list[tuple[str, str]] = [("text-smollm2", "demo"), ("text-token", "token-hour")]
 
 BOOTSTRAP_DRAWS = 2000
 
@@ -195,10 +195,13 @@ def gru_row(train_docs, test_docs, full_vocab: int, parameters: int, cpu_seconds
 
 
 def generative_parameters(vmt, trainable_only: bool = True) -> int:
-    """Parameters of the generative part (prior, forward transition, emission)."""
-    parts = (vmt.prior, vmt.transition, vmt.emission)
-    return sum(p.numel() for part in parts for p in part.parameters()
-               if p.requires_grad or not trainable_only)
+    """Parameters of the generative part (prior, forward transition, emission, and the token
+    family's shared embeddings and head), each counted once."""
+    parts = [vmt.prior, vmt.transition, vmt.emission]
+    if getattr(vmt, "tokens", None) is not None:
+        parts.append(vmt.tokens)
+    seen = {id(p): p for part in parts for p in part.parameters()}
+    return sum(p.numel() for p in seen.values() if p.requires_grad or not trainable_only)
 
 
 def vmt_rows(presets_schedules, settings: Settings = FULL, texts: list[str] | None = None,

@@ -73,6 +73,8 @@ def freeze_shared_parts(vmt, freeze_reader: bool = True) -> list[str]:
     """
     vmt.guide_net_for("reverse")  # raises without reverse networks
     parts = [vmt.prior, vmt.emission, vmt.transition, vmt.guide_net]
+    if getattr(vmt, "tokens", None) is not None:  # the token family's shared embeddings and head
+        parts.append(vmt.tokens)
     if freeze_reader and vmt.reader is not None:
         parts.append(vmt.reader)
     for part in parts:

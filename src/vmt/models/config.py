@@ -46,6 +46,9 @@ class VMTConfig:
         memory_guide: how the token family's guide proposes the memory: ``"model"`` uses the
             model's own memory step (features then enter only through the first state),
             ``"features"`` shifts and rescales it by the features read at each position.
+        token_basis_dim: ``F > 0`` gives the token family fixed token vectors (e.g. a
+            pretrained LM's input embeddings, ``vocab x F``) through which embeddings and the
+            next-token head are parameterised (:class:`vmt.models.tokens.TokenMixture`).
     """
 
     state_dim: int = 32
@@ -68,6 +71,7 @@ class VMTConfig:
     slot_scale: float = 0.1
     memory_scale: float = 0.05
     memory_guide: Literal["model", "features"] = "model"
+    token_basis_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("state_dim", "obs_dim", "feature_dim", "prior_components",
@@ -97,6 +101,8 @@ class VMTConfig:
                 f"the token family needs 1 <= token_dim < state_dim, got token_dim="
                 f"{self.token_dim}, state_dim={self.state_dim}"
             )
+        if not isinstance(self.token_basis_dim, int) or self.token_basis_dim < 0:
+            raise ValueError(f"token_basis_dim must be an integer >= 0, got {self.token_basis_dim!r}")
         if self.memory_guide not in ("model", "features"):
             raise ValueError(f"memory_guide must be 'model' or 'features', got {self.memory_guide!r}")
         if not (self.slot_scale > 0 and self.memory_scale > 0):

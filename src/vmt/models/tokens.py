@@ -56,19 +56,56 @@ class TokenMixture(PyroModule):
         hidden: hidden width of the next-token head; 0 makes it linear.
         slot_scale: the slot noise ``s`` (fixed: the ELBO does not depend on it, the memory's
             view of the token does).
+        basis_dim: ``F > 0`` gives every token a fixed vector ``b_v`` (``vocab x F``, a buffer
+            filled by :meth:`set_basis`, e.g. a pretrained LM's input embeddings): then
+            ``e_v = A b_v`` and ``log pi_v(m) = b_v . P(m) / sqrt(F) + c_v`` with ``A (E x F)``, ``P`` and
+            ``c`` learned, so tokens seen rarely still get informed embeddings and logits.
+            ``0``: free embeddings and head.
     """
 
     def __init__(self, memory_dim: int, token_dim: int, vocab_size: int, hidden: int = 0,
-                 slot_scale: float = 0.1):
+                 slot_scale: float = 0.1, basis_dim: int = 0):
         super().__init__()
         self.memory_dim, self.token_dim, self.vocab_size = memory_dim, token_dim, vocab_size
-        self.embedding = nn.Parameter(torch.randn(vocab_size, token_dim))
+        self.basis_dim = basis_dim
+        out = basis_dim if basis_dim else vocab_size
+        if basis_dim:
+            self.register_buffer("basis", torch.randn(vocab_size, basis_dim))
+            self.basis_proj = nn.Linear(basis_dim, token_dim, bias=False)
+            with torch.no_grad():
+                self.basis_proj.weight.mul_(math.sqrt(3))  # unit-variance e_v for standardised b_v
+            self.token_bias = nn.Parameter(torch.zeros(vocab_size))
+        else:
+            self.embedding = nn.Parameter(torch.randn(vocab_size, token_dim))
         if hidden == 0:
-            self.head = nn.Linear(memory_dim, vocab_size)
+            self.head = nn.Linear(memory_dim, out, bias=not basis_dim)
         else:
             self.head = nn.Sequential(nn.Linear(memory_dim, hidden), nn.Tanh(),
-                                      nn.Linear(hidden, vocab_size))
+                                      nn.Linear(hidden, out, bias=not basis_dim))
         self.slot_scale = float(slot_scale)
+
+    @torch.no_grad()
+    def set_basis(self, basis: torch.Tensor) -> None:
+        """Fill the fixed token vectors ``(vocab, F)``; each column is standardised."""
+        if not self.basis_dim:
+            raise ValueError("this token mixture has no basis (basis_dim=0)")
+        if tuple(basis.shape) != tuple(self.basis.shape):
+            raise ValueError(f"basis must be {tuple(self.basis.shape)} (vocab, basis_dim), got {tuple(basis.shape)}")
+        basis = basis.to(self.basis.dtype)
+        self.basis.copy_((basis - basis.mean(0)) / basis.std(0).clamp(min=1e-6))
+
+    def table(self) -> torch.Tensor:
+        """The token embeddings ``e``: ``(vocab, E)``."""
+        if self.basis_dim:
+            return self.basis_proj(self.basis)
+        return self.embedding
+
+    def head_logits(self, m: torch.Tensor) -> torch.Tensor:
+        """Unnormalised ``log pi(m)``: ``(..., M) -> (..., vocab)``."""
+        if self.basis_dim:
+            scaled = self.head(m) / math.sqrt(self.basis_dim)  # logits of unit scale at init
+            return scaled @ self.basis.to(m.dtype).T + self.token_bias
+        return self.head(m)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(..., state) -> (m (..., M), u (..., E))``."""
@@ -81,12 +118,12 @@ class TokenMixture(PyroModule):
 
     def head_log_probs(self, m: torch.Tensor) -> torch.Tensor:
         """``log pi(m)``: ``(..., M) -> (..., vocab)``."""
-        return torch.log_softmax(self.head(m), dim=-1)
+        return torch.log_softmax(self.head_logits(m), dim=-1)
 
     def joint_logits(self, m: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``log pi_v(m) + log N(u; e_v, s^2 I)`` for every token ``v``: ``(..., vocab)``."""
         s2 = self.slot_scale**2
-        e = self.embedding.to(u.dtype)
+        e = self.table().to(u.dtype)
         sq = (u * u).sum(-1, keepdim=True) - 2 * u @ e.T + (e * e).sum(-1)  # (..., vocab)
         norm = 0.5 * self.token_dim * math.log(2 * math.pi * s2)
         return self.head_log_probs(m) - 0.5 * sq / s2 - norm
@@ -97,13 +134,13 @@ class TokenMixture(PyroModule):
 
     def sample_slot(self, m: torch.Tensor) -> torch.Tensor:
         """``u ~ sum_v pi_v(m) N(e_v, s^2 I)``: ``(..., M) -> (..., E)``."""
-        v = dist.Categorical(logits=self.head(m)).sample()
-        e = self.embedding[v].to(m.dtype)
+        v = dist.Categorical(logits=self.head_logits(m)).sample()
+        e = self.table()[v].to(m.dtype)
         return e + self.slot_scale * torch.randn_like(e)
 
     def token_embedding(self, y: torch.Tensor) -> torch.Tensor:
         """``e_y``: tokens ``(...)`` int64 (negative = padding, read as 0) -> ``(..., E)``."""
-        return self.embedding[y.clamp(min=0)]
+        return self.table()[y.clamp(min=0)]
 
 
 class _Shared:
