@@ -217,8 +217,9 @@ def _add_model_commands(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="fit and evaluate on the embedded defaults (a few minutes)",
-        description="Fit the text-smollm2 preset with the demo schedule on pydoc_data.topics, "
-        "print held-out bounds, save a checkpoint and a PNG of the training curve.",
+        description=f"Fit the {DEMO_PRESET} preset with the {DEMO_SCHEDULE} schedule on pydoc_data.topics, "
+        "print held-out bounds beside unigram, bigram and SmolLM2 on the same split, write a "
+        "continuation and a prequel, save a checkpoint and PNGs of the training curve and states.",
     )
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--steps", type=int, help="override the number of SVI steps")

@@ -19,6 +19,23 @@ from torch.nn import functional as F
 from vmt.models.config import VMTConfig
 
 
+def feature_context(net, features: torch.Tensor, ahead: torch.Tensor,
+                    source: torch.Tensor | None = None) -> torch.Tensor:
+    """``W_h h + w_T log(1 + T) / log(1 + T_max)`` of a guide ``net`` (with ``config``,
+    ``feature_proj`` and ``ahead_proj``): ``features (source, time, feature)``, ``ahead
+    (batch, time)``, ``source (batch,)`` -> ``(batch, time, hidden)``."""
+    if features.dim() != 3 or features.shape[-1] != net.config.feature_dim:
+        raise ValueError(
+            f"features must be (source, time, {net.config.feature_dim}), got {tuple(features.shape)}"
+        )
+    projected = net.feature_proj(features)
+    if source is not None:
+        projected = projected[source]
+    projected = projected[:, : ahead.shape[1]]
+    tau = torch.log1p(ahead.to(projected.dtype)) / math.log1p(net.config.max_window)
+    return projected + net.ahead_proj(tau.unsqueeze(-1))
+
+
 class GuideNet(PyroModule):
     """Combiner-style guide (after Krishnan et al.'s deep Markov model), with time inputs.
 
@@ -59,17 +76,7 @@ class GuideNet(PyroModule):
         Returns:
             ``(batch, time, hidden)``.
         """
-        if features.dim() != 3 or features.shape[-1] != self.config.feature_dim:
-            raise ValueError(
-                f"features must be (source, time, {self.config.feature_dim}), got "
-                f"{tuple(features.shape)}"
-            )
-        projected = self.feature_proj(features)
-        if source is not None:
-            projected = projected[source]
-        projected = projected[:, : ahead.shape[1]]
-        tau = torch.log1p(ahead.to(projected.dtype)) / math.log1p(self.config.max_window)
-        return projected + self.ahead_proj(tau.unsqueeze(-1))
+        return feature_context(self, features, ahead, source)
 
     def skip_context(self, context: torch.Tensor, skip: torch.Tensor | int) -> torch.Tensor:
         """``tanh(context + e(t))``: ``context (..., hidden)``, ``skip`` int or ``(...)``."""

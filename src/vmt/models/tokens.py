@@ -43,6 +43,7 @@ from torch.distributions import constraints
 from torch.nn import functional as F
 
 from vmt.models.config import VMTConfig
+from vmt.models.guide import feature_context
 from vmt.models.prior import MixturePrior
 
 
@@ -313,17 +314,7 @@ class TokenGuideNet(PyroModule):
         time)`` -> ``(batch, time, hidden + token)``."""
         if tokens is None:
             raise ValueError("the token-family guide reads the tokens: pass tokens (batch, time)")
-        if features.dim() != 3 or features.shape[-1] != self.config.feature_dim:
-            raise ValueError(
-                f"features must be (source, time, {self.config.feature_dim}), got "
-                f"{tuple(features.shape)}"
-            )
-        projected = self.feature_proj(features)
-        if source is not None:
-            projected = projected[source]
-        projected = projected[:, : ahead.shape[1]]
-        tau = torch.log1p(ahead.to(projected.dtype)) / math.log1p(self.config.max_window)
-        projected = projected + self.ahead_proj(tau.unsqueeze(-1))
+        projected = feature_context(self, features, ahead, source)
         emb = self.mixture.token_embedding(tokens[:, : ahead.shape[1]]).to(projected.dtype)
         return torch.cat([projected, emb], dim=-1)
 
