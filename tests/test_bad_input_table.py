@@ -210,7 +210,7 @@ CLI_CASES = [
          r"learning_rate must be > 0, got -1.0"),
     Case("Bernoulli emission on text",
          lambda t, f: [*fit_args(t, preset(**{"vmt.emission": "bernoulli"})), "--out", str(t / "r")],
-         r"text runs need vmt.emission 'categorical' \(token ids\), got 'bernoulli'"),
+         r"text runs need vmt.emission 'categorical' or 'token' \(token ids\), got 'bernoulli'"),
     Case("preset that is a JSON list",
          lambda t, f: ["fit", "--model", str(write_json(t / "m.json", [1, 2])), "--out", str(t / "r")],
          r"m.json must hold a JSON object, got a list"),
