@@ -44,7 +44,7 @@ SUMMARY = "held-out nats/token on one text split: n-grams, same-budget GRU, Smol
 logger = logging.getLogger(__name__)
 
 #: The VMT rows: ``(model preset, schedule)`` pairs fitted and scored by :func:`vmt_rows`.
-VMT_PRESETS: list[tuple[str, str]] = [("text-smollm2", "demo"), ("text-token", "token-hour")]
+VMT_PRESETS: list[tuple[str, str]] = [("text-token", "token-hour")]
 
 BOOTSTRAP_DRAWS = 2000
 
