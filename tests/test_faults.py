@@ -319,10 +319,16 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
         return real(annealing)
 
     monkeypatch.setattr(trainer, "train_step", twice)
-    result = trainer.fit(progress=False)
+    # a known handler before the run (a background job may start with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = trainer.fit(progress=False)
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert result.stopped == "interrupted" and result.signal == "SIGINT" and result.steps == 3
     assert load_checkpoint(tmp_path / "ck").meta["step"] == 2  # the half-done step is not saved
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert restored is signal.default_int_handler
 
 
 def test_the_distributed_trainer_refuses_other_settings_too(tmp_path):
