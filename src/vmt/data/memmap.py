@@ -83,7 +83,8 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's contents, read in 1 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for piece in iter(lambda: fh.read(1 << 20), b""):
@@ -93,7 +94,7 @@ def _file_sha256(path: Path) -> str:
 
 def _sources(paths: list[Path]) -> list[dict]:
     """Path, size and content hash of each input (an input edited to the same size differs)."""
-    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": _file_sha256(p)} for p in paths]
+    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]
 
 
 def _block_hashes(path: Path, block: int = BLOCK_BYTES) -> list[str]:

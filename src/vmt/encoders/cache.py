@@ -48,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from vmt.data.corpus import TokenizedCorpus
+from vmt.data.memmap import file_sha256
 from vmt.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -138,14 +139,6 @@ def _write_checked(target: Path, data: bytes, sidecar: Path | None = None) -> No
     _atomic_write_bytes(sidecar or _sidecar(target), json.dumps(record).encode())
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for piece in iter(lambda: fh.read(1 << 20), b""):
-            h.update(piece)
-    return h.hexdigest()
-
-
 def file_problem(path: Path, sidecar: Path, full: bool) -> str | None:
     """Why ``path`` does not match its ``sidecar`` record (size; with ``full`` also sha256),
     or ``None`` if it does."""
@@ -161,7 +154,7 @@ def file_problem(path: Path, sidecar: Path, full: bool) -> str | None:
     actual = path.stat().st_size
     if actual != size:
         return f"{actual} bytes instead of {size}"
-    if full and _file_sha256(path) != digest:
+    if full and file_sha256(path) != digest:
         return "its content does not match its checksum"
     return None
 

@@ -44,7 +44,7 @@ from vmt.encoders.cache import (
     _ahead,
     _atomic_write_bytes,
     _check_finite,
-    _file_sha256,
+    file_sha256,
     plan_windows,
 )
 
@@ -134,7 +134,7 @@ class ShardedFeatureCache(CacheFolder):
                 return f"{path.name} is missing"
             if path.stat().st_size != entry.get("bytes"):
                 return f"{path.name} has {path.stat().st_size} bytes instead of {entry.get('bytes')}"
-            if full and _file_sha256(path) != entry.get("sha256"):
+            if full and file_sha256(path) != entry.get("sha256"):
                 return f"{path.name} does not match its checksum"
         return None
 
@@ -297,7 +297,7 @@ class ShardedFeatureCache(CacheFolder):
                 f_path, a_path = cache._paths(s)
                 _save_npy(f_path, stored.numpy())
                 _save_npy(a_path, ahead.numpy())
-                record = {p.name: {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
+                record = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                           for p in (f_path, a_path)}
                 # written last: marks the shard complete
                 _atomic_write_bytes(cache._record_path(s), json.dumps(record).encode())
