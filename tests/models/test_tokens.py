@@ -164,3 +164,62 @@ def test_basis_parameterisation_shapes_and_checks():
     assert torch.isfinite(terms.log_latent).all()
     with pytest.raises(ValueError, match="no basis"):
         token_vmt().tokens.set_basis(basis)
+
+
+def test_shared_scores_compute_the_vocabulary_product_once(monkeypatch):
+    """Inside one ELBO the prior, transition and emission score each state tensor once (one
+    vocabulary-sized product instead of three), with the same values and gradients as
+    scoring every term on its own."""
+    from vmt.models.tokens import TokenMixture
+
+    torch.manual_seed(0)
+    vmt = token_vmt()
+    batch = random_batch(vmt, x0=True)
+    calls = {"n": 0}
+    original = TokenMixture._slot_log_density
+
+    def counted(self, u):
+        calls["n"] += 1
+        return original(self, u)
+
+    monkeypatch.setattr(TokenMixture, "_slot_log_density", counted)
+    torch.manual_seed(1)
+    shared = elbo_terms(vmt, batch)
+    assert calls["n"] == 1
+    loss = -shared.elbo_per_row().sum()
+    grads = torch.autograd.grad(loss, list(vmt.tokens.parameters()))
+
+    calls["n"] = 0
+    with monkeypatch.context() as patch:  # no memo: every term computes its own scores
+        patch.setattr(TokenMixture, "sharing", lambda self: __import__("contextlib").nullcontext())
+        torch.manual_seed(1)
+        alone = elbo_terms(vmt, batch)
+        assert calls["n"] == 3
+        grads_alone = torch.autograd.grad(-alone.elbo_per_row().sum(), list(vmt.tokens.parameters()))
+    for name in ("log_lik", "log_latent", "log_guide"):
+        assert torch.allclose(getattr(shared, name), getattr(alone, name), atol=1e-12, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, grads_alone))
+    # outside a sharing block nothing is kept
+    assert vmt.tokens._memo is None
+
+
+def test_head_dropout_acts_in_training_only_and_keeps_one_mask_per_state():
+    torch.manual_seed(0)
+    vmt = token_vmt(head_dropout=0.5)
+    batch = random_batch(vmt)
+    vmt.train()
+    terms = elbo_terms(vmt, batch)
+    # one mask per sampled state: slot and emission still cancel to a head log-probability
+    fresh = batch.first_mask() & ~batch.carried_rows()[:, None]
+    check = batch.mask() & ~fresh
+    per = (terms.log_lik + terms.log_latent - terms.log_guide)[check]
+    assert bool((per < 0).all())
+    m, _ = vmt.tokens.split(terms.x)
+    with torch.no_grad():
+        vmt.eval()
+        a = vmt.tokens.head_log_probs(m)
+        assert torch.equal(a, vmt.tokens.head_log_probs(m))  # no dropout in eval mode
+        vmt.train()
+        assert not torch.equal(a, vmt.tokens.head_log_probs(m))
+    with pytest.raises(ValueError, match="head_dropout"):
+        token_vmt(head_dropout=1.0)

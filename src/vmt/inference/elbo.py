@@ -16,6 +16,7 @@ from pyro import poutine
 
 from vmt.models.batch import ChainBatch
 from vmt.models.chain import ChainPrior, GuideChain
+from vmt.models.tokens import sharing_scores
 
 
 @dataclass
@@ -64,15 +65,16 @@ def elbo_terms(vmt, batch: ChainBatch, direction: str = "forward") -> ElboTerms:
     x = guide_trace.nodes["x"]["value"]
     guide_chain = guide_trace.nodes["x"]["fn"]
     model_chain = model_trace.nodes["x"]["fn"]
-    return ElboTerms(
-        x=x,
-        log_latent=model_chain.log_prob_terms(x),
-        log_guide=guide_chain.log_prob_terms(x),
-        log_lik=model_trace.nodes["y"]["fn"].log_prob_terms(batch.obs),
-        mask=batch.mask(),
-        model_chain=model_chain,
-        guide_chain=guide_chain,
-    )
+    with sharing_scores(vmt):  # the token family scores each state once for all terms
+        return ElboTerms(
+            x=x,
+            log_latent=model_chain.log_prob_terms(x),
+            log_guide=guide_chain.log_prob_terms(x),
+            log_lik=model_trace.nodes["y"]["fn"].log_prob_terms(batch.obs),
+            mask=batch.mask(),
+            model_chain=model_chain,
+            guide_chain=guide_chain,
+        )
 
 
 def auxiliary_losses(terms: ElboTerms, batch: ChainBatch, skip: int | None = None) -> dict[str, torch.Tensor]:

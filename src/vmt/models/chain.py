@@ -238,7 +238,8 @@ class SequenceEmission(TorchDistribution):
         own = x.shape[:-2]
         if batch_shape is not None:
             batch_shape = _expanded_shape(own, batch_shape, "an emission")
-            x = x.expand(batch_shape + x.shape[-2:])
+            if batch_shape != own:  # the same tensor object otherwise (token scores are memoised by it)
+                x = x.expand(batch_shape + x.shape[-2:])
         self.x = x
         event = (batch.num_steps, *emission.obs_shape)
         super().__init__(x.shape[:-2], torch.Size(event), validate_args=False)
