@@ -49,6 +49,9 @@ class VMTConfig:
         token_basis_dim: ``F > 0`` gives the token family fixed token vectors (e.g. a
             pretrained LM's input embeddings, ``vocab x F``) through which embeddings and the
             next-token head are parameterised (:class:`vmt.models.tokens.TokenMixture`).
+        head_dropout: dropout on the memory as the token family's next-token head reads it,
+            in training only (a regulariser of the head; one mask per sampled state, shared
+            by every term that scores it).
     """
 
     state_dim: int = 32
@@ -72,6 +75,7 @@ class VMTConfig:
     memory_scale: float = 0.05
     memory_guide: Literal["model", "features"] = "model"
     token_basis_dim: int = 0
+    head_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("state_dim", "obs_dim", "feature_dim", "prior_components",
@@ -103,6 +107,8 @@ class VMTConfig:
             )
         if not isinstance(self.token_basis_dim, int) or self.token_basis_dim < 0:
             raise ValueError(f"token_basis_dim must be an integer >= 0, got {self.token_basis_dim!r}")
+        if isinstance(self.head_dropout, bool) or not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout must lie in [0, 1), got {self.head_dropout!r}")
         if self.memory_guide not in ("model", "features"):
             raise ValueError(f"memory_guide must be 'model' or 'features', got {self.memory_guide!r}")
         if not (self.slot_scale > 0 and self.memory_scale > 0):

@@ -88,7 +88,7 @@ class VariationalMarkovTransformer(PyroModule):
     def _build_token_family(self, c: VMTConfig) -> None:
         """Prior, transitions, emission and guides sharing one :class:`TokenMixture`."""
         self.tokens = TokenMixture(c.state_dim - c.token_dim, c.token_dim, c.obs_dim,
-                                   c.emission_hidden, c.slot_scale, c.token_basis_dim)
+                                   c.emission_hidden, c.slot_scale, c.token_basis_dim, c.head_dropout)
         self.prior = TokenPrior(self.tokens, c.prior_components)
         self.transition = TokenTransition(self.tokens, c.min_scale, c.memory_scale)
         self.emission = TokenEmission(self.tokens)
