@@ -477,6 +477,8 @@ class DistributedTrainer:
         norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_norm)
         if not math.isfinite(float(norm)):
             raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.learning_rate_at(self.step)
         self.optimizer.step()
         if window is not None:
             self.cursor.carry(window, x)

@@ -56,13 +56,18 @@ from vmt.inference.subsequences import (
     suffix_parallel_batch,
 )
 from vmt.inference.windows import DocumentStreams, StreamCursor, attach_carried, batch_to
+from vmt.models.tokens import sharing_scores
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of one SVI run (saved in its checkpoints)."""
+    """Settings of one SVI run (saved in its checkpoints).
+
+    ``lr_schedule`` / ``lr_final_fraction``: see :meth:`learning_rate_at`; the rate is a
+    function of the step alone, so a resumed run continues the same schedule.
+    """
 
     regime: Literal["subsequence", "windows"] = "subsequence"
     direction: Literal["forward", "reverse"] = "forward"
@@ -82,6 +87,8 @@ class TrainConfig:
     annealing_start: float = 1.0
     annealing_steps: int = 0
     distill_weight: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final_fraction: float = 0.1
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -116,12 +123,26 @@ class TrainConfig:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if self.distill_weight > 0 and self.regime != "windows":
             raise ValueError("distillation (distill_weight > 0) needs regime 'windows'")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0 < self.lr_final_fraction <= 1:
+            raise ValueError(f"lr_final_fraction must lie in (0, 1], got {self.lr_final_fraction}")
         if not 0 < self.annealing_start <= 1:
             raise ValueError(f"annealing_start must lie in (0, 1], got {self.annealing_start}")
         for name in ("steps", "batch_size", "window", "budget", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         Curriculum(self.min_length, self.max_length, self.steps_per_length)
+
+    def learning_rate_at(self, step: int) -> float:
+        """Learning rate of the step after ``step`` completed ones: ``learning_rate`` throughout
+        (``"constant"``), or a half cosine from ``learning_rate`` at step 0 down to
+        ``lr_final_fraction * learning_rate`` at ``steps`` (``"cosine"``; held there after)."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        progress = min(1.0, step / self.steps)
+        floor = self.lr_final_fraction
+        return self.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def annealing(self, step: int) -> float:
         """KL annealing factor at ``step``: linear from ``annealing_start`` to 1."""
@@ -305,6 +326,10 @@ class Trainer:
         return int(torch.randint(2, self.config.max_skip + 1, (1,), generator=self.generator))
 
     def loss(self, annealing: float):
+        with sharing_scores(self.vmt):  # the ELBO and the distillation share the token scores
+            return self._loss(annealing)
+
+    def _loss(self, annealing: float):
         c = self.config
         if c.regime == "subsequence":
             base = self.sampler.sample(c.batch_size, self.curriculum.length_at(self.step))
@@ -354,6 +379,8 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, c.clip_norm if c.clip_norm is not None else math.inf)
         if not math.isfinite(float(norm)):
             raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.learning_rate_at(self.step)
         self.optimizer.step()
         check_finite_parameters(self.vmt, self.step + 1)
         if window is not None:
@@ -513,6 +540,7 @@ def _run_steps(trainer, progress: bool) -> TrainResult:
         return TrainResult(trainer.step, trainer.history, "completed", saved)
     finally:
         signals.restore()
+        trainer.vmt.eval()  # a trained model samples and scores without dropout
 
 
 def fit(vmt, documents, config: TrainConfig, features: FeatureLookup | None = None,
