@@ -275,8 +275,9 @@ class TextRun:
         else:
             self.lm, self.tokenizer = load_pretrained_lm(preset.encoder.name)
         corpus = tokenize(texts if texts is not None else pydoc_texts(), self.tokenizer, corpus_name)
-        train, _valid, test = corpus.split(schedule.valid_fraction, schedule.test_fraction, schedule.split_seed)
+        train, valid, test = corpus.split(schedule.valid_fraction, schedule.test_fraction, schedule.split_seed)
         self.train_corpus = train.truncate(schedule.max_train_tokens)
+        self.valid_corpus = valid.truncate(schedule.max_test_tokens)
         self.test_corpus = test.truncate(schedule.max_test_tokens)
         self.progress = progress
 

@@ -68,7 +68,8 @@ def test_the_quick_path_on_a_tiny_split(tmp_path):
     texts = pydoc_texts()[:12]
     rows, info = text_lm.measure(settings, texts, "user-text", tmp_path / "runs")
     keys = [r.key for r in rows]
-    assert keys[:3] == ["unigram", "kn2", "kn3"] and "gru" in keys and keys[-1].startswith("vmt")
+    assert keys[:3] == ["unigram", "kn2", "kn3"] and keys[-1].startswith("vmt")
+    assert "gru" in keys and "gru_dropout" in keys and "gru_distilled" not in keys  # no distillation
     assert info["test_tokens"] == 150 and info["vocab_size"] == 49_152
     for r in rows:  # every row scores the same documents, every token
         assert r.tokens.sum() == 150 and np.all(np.isfinite(r.nll))

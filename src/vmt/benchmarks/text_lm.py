@@ -48,6 +48,14 @@ VMT_PRESETS: list[tuple[str, str]] = [("text-token", "token-hour")]
 
 BOOTSTRAP_DRAWS = 2000
 
+#: The GRU rows: ``(key, label, dropout, validation selection, distillation weight)``.
+GRU_VARIANTS = (
+    ("gru", "GRU LM, same parameters and CPU time as the best VMT", 0.0, False, 0.0),
+    ("gru_dropout", "same GRU, dropout 0.3, best validation checkpoint", 0.3, True, 0.0),
+    ("gru_distilled", "same GRU, dropout 0.3, best validation checkpoint, distilled like the VMT",
+     0.3, True, None),
+)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -75,6 +83,7 @@ class Settings:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     presets: tuple[tuple[str, str], ...] = field(default_factory=lambda: tuple(VMT_PRESETS))
+    gru_variants: tuple[tuple, ...] = GRU_VARIANTS
 
 
 FULL = Settings()
@@ -167,18 +176,27 @@ def smollm2_rows(lm, tokenizer, test_docs, window: int) -> list[Row]:
 
 
 def gru_row(train_docs, test_docs, full_vocab: int, parameters: int, cpu_seconds: float,
-            vocab_max_size: int, seed: int = 0) -> Row:
-    """A GRU LM with at most ``parameters`` parameters trained for ``cpu_seconds``."""
+            vocab_max_size: int, seed: int = 0, variant: tuple = GRU_VARIANTS[0],
+            valid_docs=None, teacher=None) -> Row:
+    """A GRU LM with at most ``parameters`` parameters trained for ``cpu_seconds``.
+
+    ``variant`` is one of :data:`GRU_VARIANTS`; a distillation weight of ``None`` takes the
+    best VMT schedule's (``teacher`` holds the targets, built over the same compact
+    vocabulary); validation selection uses ``valid_docs``.
+    """
     from vmt.data.vocab import Vocabulary
     from vmt.nn.gru_lm import GRULanguageModel, GRUTrainConfig, document_log_probs, train_for
 
+    key, label, dropout, select, distill = variant
     vocab = Vocabulary.build(train_docs, full_vocab, vocab_max_size)
     hidden = GRULanguageModel.hidden_for(parameters, vocab.size)
     torch.manual_seed(seed)
-    model = GRULanguageModel(vocab.size, hidden)
+    model = GRULanguageModel(vocab.size, hidden, dropout=dropout)
     count = sum(p.numel() for p in model.parameters())
+    valid = [vocab.encode(d) for d in valid_docs] if select and valid_docs else None
     trained = train_for(model, [vocab.encode(d) for d in train_docs], cpu_seconds,
-                        GRUTrainConfig(seed=seed))
+                        GRUTrainConfig(seed=seed, distill_weight=distill or 0.0), valid=valid,
+                        teacher=teacher if distill else None)
     penalty = vocab.token_penalty.double()
     nll = []
     for doc in test_docs:
@@ -187,11 +205,14 @@ def gru_row(train_docs, test_docs, full_vocab: int, parameters: int, cpu_seconds
     tokens = np.array([len(d) for d in test_docs], dtype=np.float64)
     note = (f"hidden {hidden}, {count:,} parameters, {trained['steps']} steps, "
             f"{trained['cpu_seconds']:.0f} CPU s; vocabulary {vocab.size - 1} + <unk>")
+    if "best_step" in trained:
+        note += f"; kept step {trained['best_step']} (validation {trained['best_valid_nll']:.3f}, compact)"
+    if distill:
+        note += f"; distillation weight {distill:g}"
     extra = {"params": count, "hidden": hidden, "steps": trained["steps"],
              "cpu_seconds": trained["cpu_seconds"], "budget_params": parameters,
-             "budget_cpu_seconds": cpu_seconds}
-    return Row("GRU LM, same parameters and CPU time as the best VMT", "gru", np.array(nll), tokens,
-               note, extra)
+             "budget_cpu_seconds": cpu_seconds, "best_step": trained.get("best_step", trained["steps"])}
+    return Row(label, key, np.array(nll), tokens, note, extra)
 
 
 def generative_parameters(vmt, trainable_only: bool = True) -> int:
@@ -268,6 +289,7 @@ def vmt_rows(presets_schedules, settings: Settings = FULL, texts: list[str] | No
             "params_all": generative_parameters(result.model, trainable_only=False),
             "cpu_seconds": history[-1]["cpu_seconds"] if history else 0.0,
             "steps": result.train.steps, "train_tokens": result.text_run.train_corpus.num_tokens,
+            "distill_weight": schedule.train.distill_weight,
         }
         note = (f"IWAE-{test.particles}; {extra['steps']} SVI steps on {extra['train_tokens']:,} "
                 f"tokens, {extra['cpu_seconds']:.0f} CPU s; generative part {extra['params']:,} parameters")
@@ -297,8 +319,22 @@ def measure(settings: Settings, texts: list[str] | None = None, corpus_name: str
     rows = ngram_rows(train_docs, test_docs, full_vocab)
     if vmts:
         best = min(vmts, key=lambda r: r.per_token)
-        rows.append(gru_row(train_docs, test_docs, full_vocab, best.extra["params"],
-                            best.extra["cpu_seconds"], settings.vocab_max_size, settings.split_seed))
+        valid_docs = list(split.valid_corpus.documents)
+        for variant in settings.gru_variants:
+            teacher, distill = None, variant[4]
+            if distill is None:  # distilled like the best VMT (no row if it was not distilled)
+                distill = best.extra["distill_weight"]
+                if not distill > 0:
+                    continue
+                from vmt.data.vocab import Vocabulary
+
+                vocab = Vocabulary.build(train_docs, full_vocab, settings.vocab_max_size)
+                teacher = split.teacher(split.train_corpus, vocab)
+                variant = (*variant[:4], distill)
+            logger.info("GRU row %s", variant[0])
+            rows.append(gru_row(train_docs, test_docs, full_vocab, best.extra["params"],
+                                best.extra["cpu_seconds"], settings.vocab_max_size, settings.split_seed,
+                                variant, valid_docs, teacher))
     logger.info("SmolLM2 rows")
     rows += smollm2_rows(split.lm, split.tokenizer, test_docs, settings.window)
     info = {"train_tokens": split.train_corpus.num_tokens, "train_documents": len(train_docs),
@@ -387,7 +423,7 @@ def summarise(rows: list[Row], info: dict, settings: Settings, quick: bool, figu
             "that depends on the text.",
             diag,
         ]
-        for other in ("kn3", "gru"):
+        for other in ("kn3", *(v[0] for v in GRU_VARIANTS)):
             if other in by_key:
                 d, lo, hi = difference_interval(best, by_key[other], draws)
                 metrics[f"best_vmt_minus_{other}"] = d

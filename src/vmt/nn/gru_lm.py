@@ -4,6 +4,12 @@ budget: the same-budget neural baseline of text benchmarks.
 The model reads ``<bos> y_1 .. y_{n-1}`` and predicts ``y_1 .. y_n`` (so every token of a
 document is scored, the first from the beginning-of-document input alone); a document is read
 whole, in chunks, with the recurrent state carried.
+
+Two standard regularisers are available, both off by default: dropout on the embeddings and
+on the GRU's outputs (:attr:`GRUTrainConfig.dropout`), and model selection on held-back
+documents (``valid`` of :func:`train_for`: the parameters with the best validation NLL are
+kept). ``teacher`` distils a pretrained LM's next-token distributions, as the VMT's
+``distill_weight`` does, so the two can be compared on the same information.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ class GRULanguageModel(nn.Module):
         hidden: width of the embedding and of the GRU state.
     """
 
-    def __init__(self, vocab_size: int, hidden: int) -> None:
+    def __init__(self, vocab_size: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
         for name, value in (("vocab_size", vocab_size), ("hidden", hidden)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -40,6 +48,7 @@ class GRULanguageModel(nn.Module):
         self.embed = nn.Embedding(vocab_size + 1, hidden)
         self.gru = nn.GRU(hidden, hidden, batch_first=True)
         self.head = nn.Linear(hidden, vocab_size)
+        self.drop = nn.Dropout(dropout)
 
     @staticmethod
     def parameter_count(vocab_size: int, hidden: int) -> int:
@@ -61,13 +70,17 @@ class GRULanguageModel(nn.Module):
     def forward(self, inputs: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``inputs`` ``(batch, time)`` ids -> logits ``(batch, time, vocab)`` and the state
         ``(1, batch, hidden)``."""
-        out, state = self.gru(self.embed(inputs), state)
-        return self.head(out), state
+        out, state = self.gru(self.drop(self.embed(inputs)), state)  # out: (batch, time, hidden)
+        return self.head(self.drop(out)), state
 
 
 @dataclass(frozen=True)
 class GRUTrainConfig:
-    """Settings of :func:`train_for`: Adam, random chunks of ``length`` tokens."""
+    """Settings of :func:`train_for`: Adam, random chunks of ``length`` tokens.
+
+    ``valid_every``: steps between validation passes when ``valid`` documents are given.
+    ``distill_weight``: weight of the soft cross-entropy against the teacher (with ``teacher``).
+    """
 
     batch_size: int = 16
     length: int = 128
@@ -75,9 +88,13 @@ class GRUTrainConfig:
     clip_norm: float = 1.0
     seed: int = 0
     max_steps: int = 1_000_000
+    valid_every: int = 200
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "length", "max_steps"):
+        if not self.distill_weight >= 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight!r}")
+        for name in ("batch_size", "length", "max_steps", "valid_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not self.clip_norm > 0:
@@ -85,10 +102,12 @@ class GRUTrainConfig:
 
 
 def _chunk_batch(docs: list[Tensor], weights: np.ndarray, bos: int, config: GRUTrainConfig,
-                 rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """``(batch, length)`` inputs and targets (``-100`` past a document's end)."""
+                 rng: np.random.Generator) -> tuple[Tensor, Tensor, list[int], list[int]]:
+    """``(batch, length)`` inputs and targets (``-100`` past a document's end), with each
+    row's document index and start offset."""
     inputs = torch.full((config.batch_size, config.length), bos, dtype=torch.long)
     targets = torch.full((config.batch_size, config.length), -100, dtype=torch.long)
+    rows, starts = [], []
     for row, d in enumerate(rng.choice(len(docs), size=config.batch_size, p=weights)):
         doc = docs[d]
         start = int(rng.integers(0, len(doc)))
@@ -96,33 +115,72 @@ def _chunk_batch(docs: list[Tensor], weights: np.ndarray, bos: int, config: GRUT
         inp = torch.cat([torch.tensor([bos]), doc[:-1]])[start : start + len(tgt)]
         inputs[row, : len(tgt)] = inp
         targets[row, : len(tgt)] = tgt
-    return inputs, targets
+        rows.append(int(d))
+        starts.append(start)
+    return inputs, targets, rows, starts
+
+
+def validation_nll(model: GRULanguageModel, documents: Sequence[Tensor]) -> float:
+    """Mean NLL per token (nats, compact vocabulary) of ``documents``, model in eval mode."""
+    total = sum(float(-document_log_probs(model, d).sum()) for d in documents)
+    return total / max(1, sum(len(d) for d in documents))
 
 
 def train_for(model: GRULanguageModel, documents: Sequence[Tensor], cpu_seconds: float,
-              config: GRUTrainConfig = GRUTrainConfig()) -> dict:
+              config: GRUTrainConfig = GRUTrainConfig(), valid: Sequence[Tensor] | None = None,
+              teacher=None) -> dict:
     """Train ``model`` on random chunks of ``documents`` until ``cpu_seconds`` of process CPU
-    time have been spent (at least one step).
+    time have been spent (at least one step); validation passes count against that budget.
+
+    Args:
+        valid: held-back documents; every ``config.valid_every`` steps (and at the end) their
+            NLL is measured and the best parameters are kept (model selection).
+        teacher: per-document soft targets aligned with ``documents`` (an object with
+            ``window(documents, offsets, steps) -> (ids, probs)``, each ``(batch, time, k)``,
+            e.g. :class:`vmt.encoders.teacher.TeacherTargets`), used with
+            ``config.distill_weight``.
 
     Returns:
         ``steps``, ``cpu_seconds`` and ``seconds`` spent, ``final_loss`` (mean of the last
-        50 steps, nats per token).
+        50 steps, nats per token), and with ``valid`` the ``best_step`` and ``best_valid_nll``.
     """
-    docs = [torch.as_tensor(d, dtype=torch.long) for d in documents if len(d)]
+    if config.distill_weight > 0 and teacher is None:
+        raise ValueError("distill_weight > 0 needs teacher targets")
+    if teacher is not None and len(teacher) != len(documents):
+        raise ValueError(f"teacher has targets for {len(teacher)} documents, got {len(documents)} documents")
+    keep = [i for i, d in enumerate(documents) if len(d)]  # teacher rows follow the original order
+    docs = [torch.as_tensor(documents[i], dtype=torch.long) for i in keep]
     if not docs:
         raise ValueError("no documents to train on")
+    valid = [torch.as_tensor(d, dtype=torch.long) for d in (valid or []) if len(d)]
     lengths = np.array([len(d) for d in docs], dtype=np.float64)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     losses: list[float] = []
     cpu0, t0 = time.process_time(), time.perf_counter()
+    best: dict = {"nll": math.inf, "step": 0, "state": None}
+
+    def validate() -> None:
+        nll = validation_nll(model, valid)
+        model.train()
+        if nll < best["nll"]:
+            best.update(nll=nll, step=steps, state={k: v.clone() for k, v in model.state_dict().items()})
+        logger.info("GRU LM step %d: validation NLL %.4f (best %.4f at step %d)", steps, nll,
+                    best["nll"], best["step"])
+
     model.train()
     steps = 0
     while steps < config.max_steps and (steps == 0 or time.process_time() - cpu0 < cpu_seconds):
-        inputs, targets = _chunk_batch(docs, lengths / lengths.sum(), model.vocab_size, config, rng)
-        logits, _ = model(inputs)
+        inputs, targets, rows, starts = _chunk_batch(docs, lengths / lengths.sum(), model.vocab_size,
+                                                     config, rng)
+        logits, _ = model(inputs)  # (batch, length, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if config.distill_weight > 0:
+            ids, probs = teacher.window([keep[r] for r in rows], starts, config.length)  # (batch, length, k)
+            picked = torch.log_softmax(logits, -1).gather(-1, ids)
+            soft = -(probs.to(picked.dtype) * picked).sum(-1)[targets != -100].mean()
+            loss = loss + config.distill_weight * soft
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -131,8 +189,15 @@ def train_for(model: GRULanguageModel, documents: Sequence[Tensor], cpu_seconds:
         steps += 1
         if steps % 200 == 0:
             logger.info("GRU LM step %d: loss %.4f", steps, sum(losses[-200:]) / 200)
+        if valid and steps % config.valid_every == 0:
+            validate()
+    out = {"steps": steps}
+    if valid:
+        validate()
+        model.load_state_dict(best["state"])
+        out.update(best_step=best["step"], best_valid_nll=best["nll"])
     model.eval()
-    return {"steps": steps, "cpu_seconds": time.process_time() - cpu0,
+    return {**out, "cpu_seconds": time.process_time() - cpu0,
             "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
 
 
