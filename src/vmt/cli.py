@@ -193,8 +193,8 @@ def _add_model_commands(sub) -> None:
         "(inference/NAME.json) on the embedded pydoc corpus or your text files. Resumes from "
         "OUT/checkpoint if present; Ctrl-C saves a checkpoint.",
     )
-    fit.add_argument("--model", default="text-smollm2", help="preset name or JSON path")
-    fit.add_argument("--schedule", default="demo", help="schedule name or JSON path")
+    fit.add_argument("--model", default=DEMO_PRESET, help="preset name or JSON path")
+    fit.add_argument("--schedule", default=DEMO_SCHEDULE, help="schedule name or JSON path")
     fit.add_argument("--text", nargs="+", metavar="FILE", help="train on these text files")
     fit.add_argument("--out", default="runs/fit", help="run folder (checkpoint, curve, results)")
     fit.add_argument("--steps", type=int, help="override the number of SVI steps")

@@ -5,11 +5,12 @@ token attends to all ``c`` cached positions, so its cost grows with ``c``. A VMT
 its state: one transition and one emission per token, whatever was read before.
 
 Both write ``n`` tokens after the same context (a ``pydoc`` text tokenised with SmolLM2's
-tokenizer, repeated to length). The VMT (state 64, linear emission over SmolLM2's 49,152-token
-vocabulary, GRU reader; its weights do not change the cost, so it is not fitted here) first
-reads the context with a 256-token window; SmolLM2 first pre-fills its cache. Neither
-preparation is timed: only the ``n`` decoding steps are, as medians of interleaved repeats in
-the same run (greedy decoding for SmolLM2, sampling from the emission for the VMT).
+tokenizer, repeated to length). The VMT is the shared fitted text VMT
+(:mod:`vmt.benchmarks.text_vmt`: the token family, ``text-token`` + ``token-hour``); it first
+reads the context (mapped into its compact vocabulary) with the preset's window and its
+SmolLM2 features; SmolLM2 first pre-fills its cache. Neither preparation is timed: only the
+``n`` decoding steps are, as medians of interleaved repeats in the same run (greedy decoding
+for SmolLM2, sampling from the model for the VMT).
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from pathlib import Path
 import torch
 
 from vmt.benchmarks.report import BenchResult, markdown_table
-from vmt.encoders.readers import GRUReader
 from vmt.hf_compat import cache_kwargs, output_cache
 from vmt.inference.generation import write
 from vmt.inference.reading import ReadConfig, read
-from vmt.models import VMTConfig
-from vmt.models.vmt import VariationalMarkovTransformer
 
 NAME = "generation-speed"
 SUMMARY = "tokens/s of VMT writing vs SmolLM2 KV-cache decoding after 512 / 2048 / 8192 tokens"
@@ -71,21 +69,25 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    from vmt import experiment
+    from vmt.benchmarks.text_vmt import fitted_text_vmt
+
     lm, tok = load_pretrained_lm()
     lm.eval()
-    vocab = int(lm.config.vocab_size)
+    fitted = fitted_text_vmt(quick)
+    vmt, vocabulary = fitted.model, fitted.vocabulary
+    vmt.eval()
+    feature_fn, _ = experiment.reading_features(fitted.text_run, vocabulary)
+    window = fitted.text_run.preset.encoder.window
+    torch.set_num_threads(1)  # the fit may have changed it
     contexts = (512, 2048) if quick else (512, 2048, 8192)
     n = 8 if quick else 16
     repeats = 3
-    config = VMTConfig(state_dim=64, obs_dim=vocab, feature_dim=64, guide_hidden=64,
-                       transition_hidden=64, max_window=256)
-    vmt = VariationalMarkovTransformer(config, reader=GRUReader("tokens", 64, vocab_size=vocab,
-                                                                 embed_dim=32))
-    vmt.eval()
     rows, metrics = [], {}
     for c in contexts:
         ctx = context_tokens(tok, c)
-        state = read(vmt, ctx, ReadConfig(window=256, score=False)).state
+        with torch.no_grad():
+            state = read(vmt, vocabulary.encode(ctx), ReadConfig(window=window, score=False), feature_fn).state
         vmt_times, lm_times = [], []
         write(vmt, state, 2)  # warm-up
         for _ in range(repeats):
@@ -110,14 +112,14 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         f"Decoding {n} tokens after a context of each length, one CPU thread, medians of "
         f"{repeats} interleaved repeats (pre-fill and reading not timed):",
         markdown_table(["context", "VMT tokens/s", "SmolLM2 (KV cache) tokens/s", "ratio"], rows),
-        "The VMT's cost per token is one transition and one emission over the 49,152-token "
-        "vocabulary; it does not depend on how much was read. SmolLM2's cost per token grows "
+        f"The VMT is the shared fitted text VMT (`text-token` + `token-hour`, compact vocabulary of "
+        f"{vocabulary.size:,} ids): its cost per token is one memory step and one draw from the "
+        "token mixture; it does not depend on how much was read. SmolLM2's cost per token grows "
         "with the cache it attends to. The VMT does the same computation after every "
         "context, so differences down its column are load noise on a shared machine (the "
         "two models are timed alternately, so a load change hits both). This is a statement "
-        "about cost only: the VMT here is "
-        "not fitted, and a fitted VMT's state summarises its context far less well than a "
-        "full KV cache does.",
+        "about cost only: the VMT's state summarises its context far less well than a full KV "
+        "cache does (see `text-lm` for what each predicts).",
     ])
     return BenchResult(NAME, metrics, {"quick": quick, "contexts": list(contexts), "tokens": n,
                                        "repeats": repeats}, markdown=markdown)

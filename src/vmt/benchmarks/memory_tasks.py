@@ -282,10 +282,11 @@ def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float
     rows, dim = state_shape
     kv = ", ".join(f"{v:.1f} MB for a {b}-token float32 KV cache" for b, v in kv_mb.items())
     return (
-        "VMT: the shared text VMT (the `text-smollm2` preset fitted with the `demo` schedule on "
-        "the embedded pydoc corpus; it has never seen these tasks' formats) reads each stream "
-        "with a window equal to the budget (its guide reads frozen SmolLM2 layer-12 features "
-        f"of at most that many tokens) and carries a state of {rows} x {dim} floats "
+        "VMT: the shared text VMT (the token-family `text-token` preset fitted with the "
+        "`token-hour` schedule on the embedded pydoc corpus; it has never seen these tasks' "
+        "formats) reads each stream with a window equal to the budget (its guide reads frozen "
+        "SmolLM2 layer-12 features of at most that many tokens for a fresh start) and carries "
+        f"a state of {rows} x {dim} floats "
         f"({rows * dim * 4 / 1024:.0f} KB, against {kv}); it answers with the model's own "
         "predictive probability of each option given the state (a particle filter over the "
         f"state's {rows} rows), and greedy decoding of the passkey from the same predictive."

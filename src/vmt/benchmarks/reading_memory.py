@@ -246,7 +246,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         markdown_table(["tokens", "RSS before reading (MB)", "peak RSS while reading (MB)",
                         "increase (MB)"], rows_mem),
         f"Growth from {small} to {large} tokens: **{growth_mb:.1f} MB**.",
-        "The same measurement with the shared text VMT (`text-smollm2` preset, `demo` "
+        "The same measurement with the shared text VMT (`text-token` preset, `token-hour` "
         "schedule), whose guide reads every window through frozen SmolLM2-135M (layer 12, "
         "reversed), after a warm-up read of 6000 other tokens (the LM's allocator needs a few "
         "dozen windows to settle): the 135M-parameter reader dominates the resident memory, "

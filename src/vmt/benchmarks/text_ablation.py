@@ -68,7 +68,7 @@ VARIANTS: tuple[Variant, ...] = (
             vmt={"memory_guide": "features"}),
     Variant("token_basis", "SmolLM2 input embeddings as a fixed token basis (128 components)", "token_distill",
             vmt={"token_basis_dim": 128}),
-    Variant("cosine", "cosine learning-rate decay to 0.1x", "token_distill", train={"lr_schedule": "cosine"}),
+    Variant("constant_lr", "constant learning rate (no cosine decay)", "token_distill", train={"lr_decay_steps": 0}),
 )
 
 
@@ -98,7 +98,8 @@ def _schedule(variant: Variant, settings: Settings):
         train = replace(train, steps=settings.steps, checkpoint_every=settings.steps,
                         annealing_steps=min(train.annealing_steps, settings.steps // 2),
                         steps_per_length=min(train.steps_per_length, max(1, settings.steps // 20)),
-                        log_every=min(train.log_every, settings.steps))
+                        log_every=min(train.log_every, settings.steps),
+                        lr_decay_steps=settings.steps if train.lr_decay_steps else 0)
     changes = {"train": train, "max_train_tokens": settings.train_tokens,
                "max_test_tokens": settings.test_tokens, "reverse_steps": 0}
     if settings.particles is not None:
@@ -197,7 +198,7 @@ def summarise(rows, ngrams, info, settings: Settings, quick: bool, figure_dir: P
         f"tokens in {info['test_documents']} documents. Nats per token over SmolLM2's full 49,152-token "
         "vocabulary; intervals are 95% percentile bootstraps over held-out documents, the same draws "
         "for every row (paired differences). Each row changes one thing from its base row; rows with "
-        "the `token-demo` schedule train for its 1,500 steps (truncated BPTT over whole documents, "
+        "the `token-demo` schedule train for its 2,000 steps (truncated BPTT over whole documents, "
         "batch 8, window 64, distillation weight 8 unless the row says otherwise). One seed per row: "
         "the interval covers the held-out documents, not the training randomness.",
     ])

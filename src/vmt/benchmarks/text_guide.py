@@ -52,7 +52,8 @@ def _setup(steps: int, train_tokens: int, test_tokens: int, particles: int):
 
     base = experiment.load_json(experiment.resolve_config(PRESET, "models"))
     schedule = experiment.Schedule.from_dict(experiment.load_json(experiment.resolve_config(SCHEDULE, "inference")))
-    train = replace(schedule.train, steps=steps, checkpoint_every=steps, log_every=max(1, steps // 50))
+    train = replace(schedule.train, steps=steps, checkpoint_every=steps, log_every=max(1, steps // 50),
+                    lr_decay_steps=steps if schedule.train.lr_decay_steps else 0)
     schedule = replace(schedule, train=train, max_train_tokens=train_tokens, max_test_tokens=test_tokens,
                        eval_particles=particles, reverse_steps=0)
     return base, schedule

@@ -248,6 +248,7 @@ def vmt_rows(presets_schedules, settings: Settings = FULL, texts: list[str] | No
         if settings.vmt_steps is not None:
             steps = settings.vmt_steps
             train = replace(train, steps=steps, annealing_steps=min(train.annealing_steps, steps // 2),
+                            lr_decay_steps=steps if train.lr_decay_steps else 0,
                             steps_per_length=min(train.steps_per_length, max(1, steps // 20)),
                             checkpoint_every=steps, log_every=min(train.log_every, steps))
         changes = {"train": train, "max_test_tokens": settings.test_tokens or 10**12,

@@ -33,7 +33,7 @@ def fitted_text_vmt(quick: bool, root: str | Path = "runs/bench/text-vmt"):
     )
     if quick:
         train = replace(schedule.train, steps=QUICK_STEPS, annealing_steps=QUICK_STEPS // 2,
-                        checkpoint_every=QUICK_STEPS)
+                        checkpoint_every=QUICK_STEPS, lr_decay_steps=QUICK_STEPS)
         schedule = replace(schedule, train=train, max_train_tokens=QUICK_TRAIN_TOKENS,
                            max_test_tokens=500)
     out = Path(root) / ("quick" if quick else "full")

@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """Settings of one SVI run (saved in its checkpoints).
 
-    ``lr_schedule`` / ``lr_final_fraction``: see :meth:`learning_rate_at`; the rate is a
+    ``lr_decay_steps`` / ``lr_final_fraction``: see :meth:`learning_rate_at`; the rate is a
     function of the step alone, so a resumed run continues the same schedule.
     """
 
@@ -87,7 +87,7 @@ class TrainConfig:
     annealing_start: float = 1.0
     annealing_steps: int = 0
     distill_weight: float = 0.0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_decay_steps: int = 0
     lr_final_fraction: float = 0.1
     seed: int = 0
     checkpoint_every: int = 100
@@ -123,8 +123,8 @@ class TrainConfig:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if self.distill_weight > 0 and self.regime != "windows":
             raise ValueError("distillation (distill_weight > 0) needs regime 'windows'")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_decay_steps < 0:
+            raise ValueError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
         if not 0 < self.lr_final_fraction <= 1:
             raise ValueError(f"lr_final_fraction must lie in (0, 1], got {self.lr_final_fraction}")
         if not 0 < self.annealing_start <= 1:
@@ -135,14 +135,15 @@ class TrainConfig:
         Curriculum(self.min_length, self.max_length, self.steps_per_length)
 
     def learning_rate_at(self, step: int) -> float:
-        """Learning rate of the step after ``step`` completed ones: ``learning_rate`` throughout
-        (``"constant"``), or a half cosine from ``learning_rate`` at step 0 down to
-        ``lr_final_fraction * learning_rate`` at ``steps`` (``"cosine"``; held there after)."""
-        if self.lr_schedule == "constant":
+        """Learning rate of optimiser step ``step + 1``: constant without ``lr_decay_steps``,
+        else a cosine from ``learning_rate`` down to ``learning_rate * lr_final_fraction`` over
+        ``lr_decay_steps`` steps, then flat (it depends on the step alone, not on ``steps``, so
+        a run can be extended or stopped early on the same schedule)."""
+        if self.lr_decay_steps <= 0:
             return self.learning_rate
-        progress = min(1.0, step / self.steps)
-        floor = self.lr_final_fraction
-        return self.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        done = min(1.0, step / self.lr_decay_steps)
+        low = self.lr_final_fraction
+        return self.learning_rate * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * done)))
 
     def annealing(self, step: int) -> float:
         """KL annealing factor at ``step``: linear from ``annealing_start`` to 1."""
