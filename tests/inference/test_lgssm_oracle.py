@@ -8,10 +8,11 @@ parameters fixed at their true values) must close the gap to at most 0.05 nats p
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader
+from vmt.encoders.small_readers import GRUReader
 from vmt.inference.elbo import elbo_terms
-from vmt.inference.kalman import example_ssm, kalman_smoother
+from vmt.inference.kalman import kalman_smoother
 from vmt.models import ChainBatch
+from vmt.models.lgssm import example_ssm
 from vmt.models.oracles import linear_gaussian_vmt
 
 STEPS = 16

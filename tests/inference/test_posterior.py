@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader
+from vmt.encoders.small_readers import GRUReader
 from vmt.inference.elbo import elbo_terms
-from vmt.inference.kalman import example_ssm, kalman_smoother
+from vmt.inference.kalman import kalman_smoother
 from vmt.inference.posterior import (
     mean_sd,
     plot_predictive,
@@ -17,6 +17,7 @@ from vmt.inference.posterior import (
     summarize,
 )
 from vmt.models import ChainBatch, VMTConfig
+from vmt.models.lgssm import example_ssm
 from vmt.models.oracles import linear_gaussian_vmt
 from vmt.models.vmt import VariationalMarkovTransformer
 

@@ -5,7 +5,7 @@ import tracemalloc
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader
+from vmt.encoders.small_readers import GRUReader
 from vmt.inference.reading import ReadConfig, continuation_cost, flipped, read
 from vmt.models import ChainBatch, VMTConfig
 from vmt.models.chain import ChainPrior, GuideChain, SequenceEmission

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader
+from vmt.encoders.small_readers import GRUReader
 from vmt.inference.state_memory import MemoryReader, StateMemoryConfig, StateStore
 from vmt.models import VMTConfig
 from vmt.models.vmt import VariationalMarkovTransformer

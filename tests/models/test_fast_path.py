@@ -105,7 +105,7 @@ def test_offset_rows_score_like_sliced_sequences():
 
 
 def test_folded_reader_serves_as_the_guide_reader_and_reads_in_reverse():
-    from vmt.models.readers import build_reader
+    from vmt.models.reader_spec import build_reader
 
     reader = build_reader({"kind": "folded", "kwargs": {"segment_length": 4, "d_model": 16,
                                                          "n_heads": 2, "d_ff": 32, "vocab_size": 9}})

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vmt.benchmarks.report import BenchResult, markdown_table
-from vmt.encoders.readers import GRUReader
+from vmt.encoders.small_readers import GRUReader
 from vmt.hf_compat import cache_kwargs, output_cache
 from vmt.inference.generation import write
 from vmt.inference.reading import ReadConfig, read

@@ -47,6 +47,7 @@ from vmt.encoders.cache import (
     file_sha256,
     plan_windows,
 )
+from vmt.encoders.features import encoder_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +316,6 @@ class ShardedFeatureCache(CacheFolder):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features (tokens, hidden) float32, ahead (tokens,) int64)`` of documents ``docs``
         laid end to end."""
-        from vmt.inference.distributed import encoder_autocast
-
         direction = extractor.direction
         lengths = [len(corpus.documents[i]) for i in docs]
         base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

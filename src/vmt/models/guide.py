@@ -12,11 +12,11 @@ import math
 
 import pyro.distributions.transforms as T
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
 from vmt.models.config import VMTConfig
+from vmt.models.pyro_module import LocalParamsModule
 
 
 def feature_context(net, features: torch.Tensor, ahead: torch.Tensor,
@@ -36,7 +36,7 @@ def feature_context(net, features: torch.Tensor, ahead: torch.Tensor,
     return projected + net.ahead_proj(tau.unsqueeze(-1))
 
 
-class GuideNet(PyroModule):
+class GuideNet(LocalParamsModule):
     """Combiner-style guide (after Krishnan et al.'s deep Markov model), with time inputs.
 
     ``T`` (tokens still ahead in the window) enters as ``log(1 + T) / log(1 + max_window)``;

@@ -7,12 +7,14 @@ import math
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import constraints
 
+from vmt.models.pyro_module import LocalParamsModule
 
-class MixturePrior(PyroModule):
+
+class MixturePrior(LocalParamsModule):
     """Mixture of ``components`` diagonal Gaussians over ``(state,)``; exact log-density."""
 
     def __init__(self, state_dim: int, components: int = 4, spread: float = 1.0):
@@ -29,7 +31,7 @@ class MixturePrior(PyroModule):
         return dist.MixtureSameFamily(mix, comp)
 
 
-class FlowPrior(PyroModule):
+class FlowPrior(LocalParamsModule):
     """Standard normal pushed through affine-coupling layers with permutations."""
 
     def __init__(self, state_dim: int, layers: int = 2, hidden: int = 64):

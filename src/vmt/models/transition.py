@@ -9,13 +9,15 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
+from vmt.models.pyro_module import LocalParamsModule
 
-class GatedTransition(PyroModule):
+
+class GatedTransition(LocalParamsModule):
     """Gated MLP Gaussian transition of deep Markov models (Krishnan et al., 2017).
 
     ``loc = (1 - g) * (A x + b) + g * m(x)``, ``scale = softplus(W relu(m(x)))``, where
@@ -48,7 +50,7 @@ class GatedTransition(PyroModule):
         return dist.Normal(loc, scale).to_event(1)
 
 
-class LinearGaussianTransition(PyroModule):
+class LinearGaussianTransition(LocalParamsModule):
     """``x' = A x + b + eps``, ``eps ~ N(0, diag(scale^2))``: a linear-Gaussian state-space step."""
 
     def __init__(self, state_dim: int, min_scale: float = 1e-3):
@@ -67,7 +69,7 @@ class LinearGaussianTransition(PyroModule):
         return dist.Normal(loc, scale).to_event(1)
 
 
-class FlowTransition(PyroModule):
+class FlowTransition(LocalParamsModule):
     """A gated Gaussian step followed by affine couplings conditioned on the previous state."""
 
     def __init__(self, state_dim: int, hidden: int, layers: int = 2, min_scale: float = 1e-3):
