@@ -40,6 +40,7 @@ MODULES = {
     "vmt.paths": "base",
     "vmt.hf_compat": "base",
     "vmt.testing": "base",
+    "vmt.config_fields": "base",
 }
 PACKAGES = {
     "vmt.data": "data",

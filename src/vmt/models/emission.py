@@ -105,8 +105,12 @@ class GaussianEmission(LocalParamsModule):
 
 
 def build_emission(kind: str, state_dim: int, obs_dim: int, hidden: int):
+    """The emission ``kind`` names: ``"categorical"``, ``"bernoulli"`` or ``"gaussian"``
+    (``ValueError`` otherwise)."""
     if kind == "categorical":
         return CategoricalEmission(state_dim, obs_dim, hidden)
     if kind == "bernoulli":
         return BernoulliEmission(state_dim, obs_dim, hidden)
-    return GaussianEmission(state_dim, obs_dim, hidden)
+    if kind == "gaussian":
+        return GaussianEmission(state_dim, obs_dim, hidden)
+    raise ValueError(f"unknown emission kind {kind!r}; known: ['bernoulli', 'categorical', 'gaussian']")

@@ -56,6 +56,9 @@ class FlowPrior(LocalParamsModule):
 
 
 def build_prior(kind: str, state_dim: int, components: int, layers: int, hidden: int):
+    """The prior ``kind`` names: ``"mixture"`` or ``"flow"`` (``ValueError`` otherwise)."""
     if kind == "mixture":
         return MixturePrior(state_dim, components)
-    return FlowPrior(state_dim, layers, hidden)
+    if kind == "flow":
+        return FlowPrior(state_dim, layers, hidden)
+    raise ValueError(f"unknown prior kind {kind!r}; known: ['flow', 'mixture']")

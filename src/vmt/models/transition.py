@@ -93,8 +93,12 @@ class FlowTransition(LocalParamsModule):
 
 
 def build_transition(kind: str, state_dim: int, hidden: int, layers: int, min_scale: float):
+    """The transition ``kind`` names: ``"gated"``, ``"linear"`` or ``"flow"`` (``ValueError``
+    otherwise)."""
     if kind == "gated":
         return GatedTransition(state_dim, hidden, min_scale)
     if kind == "linear":
         return LinearGaussianTransition(state_dim, min_scale)
-    return FlowTransition(state_dim, hidden, layers, min_scale)
+    if kind == "flow":
+        return FlowTransition(state_dim, hidden, layers, min_scale)
+    raise ValueError(f"unknown transition kind {kind!r}; known: ['flow', 'gated', 'linear']")
