@@ -41,6 +41,7 @@ MODULES = {
     "vmt.hf_compat": "base",
     "vmt.testing": "base",
     "vmt.config_fields": "base",
+    "vmt.atomic": "base",
 }
 PACKAGES = {
     "vmt.data": "data",

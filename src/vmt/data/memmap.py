@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from vmt.atomic import atomic_write
 from vmt.data.corpus import tokenizer_name, tokenizer_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -62,16 +62,8 @@ Split = Literal["blank", "line", "file"]
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, "w", fsync=True) as fh:
+        json.dump(data, fh, indent=1)
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -348,10 +340,8 @@ def _finalise(out: Path, plan: dict, n_docs: int, n_tokens: int, dtype: np.dtype
     offsets = np.concatenate([np.zeros(1, dtype=np.int64), ends])
     fingerprint = _fingerprint(out / "tokens.bin.partial", dtype, offsets, plan["tokenizer_name"],
                                plan["vocab_size"])
-    fd, tmp = tempfile.mkstemp(prefix="offsets.", suffix=".npy.tmp", dir=out)
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_write(out / "offsets.npy") as fh:
         np.save(fh, offsets)
-    os.replace(tmp, out / "offsets.npy")
     os.replace(out / "tokens.bin.partial", out / "tokens.bin")
     header = {**plan, "num_documents": n_docs, "num_tokens": n_tokens, "fingerprint": fingerprint,
               "offsets_sha256": _offsets_sha256(offsets), "block_bytes": BLOCK_BYTES,
