@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vmt.models.config import VMTConfig
+from vmt.models.flows import add_couplings, coupling_transforms
 from vmt.models.pyro_module import LocalParamsModule
 
 
@@ -56,12 +57,10 @@ class GuideNet(LocalParamsModule):
         self.state_skip = nn.Linear(d, d, bias=False)
         nn.init.zeros_(self.state_skip.weight)
         self.min_scale = config.min_scale
-        self.flows = nn.ModuleList(
+        add_couplings(self, "flows", (
             T.conditional_affine_coupling(d, context_dim=h, hidden_dims=[h])
             for _ in range(config.flow_layers if config.guide == "flow" else 0)
-        )
-        for i in range(len(self.flows)):
-            self.register_buffer(f"perm_{i}", torch.randperm(d))
+        ), d)
 
     def context(
         self, features: torch.Tensor, ahead: torch.Tensor, source: torch.Tensor | None = None
@@ -111,7 +110,4 @@ class GuideNet(LocalParamsModule):
 
     def flow_transforms(self, combined: torch.Tensor) -> list:
         """Coupling transforms conditioned on the combiner output (empty for a Gaussian guide)."""
-        transforms = []
-        for i, coupling in enumerate(self.flows):
-            transforms += [coupling.condition(combined), T.Permute(getattr(self, f"perm_{i}"))]
-        return transforms
+        return coupling_transforms(self, self.flows, combined)

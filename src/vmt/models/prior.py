@@ -11,6 +11,7 @@ from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import constraints
 
+from vmt.models.flows import add_couplings, coupling_transforms
 from vmt.models.pyro_module import LocalParamsModule
 
 
@@ -40,19 +41,14 @@ class FlowPrior(LocalParamsModule):
             raise ValueError(f"a flow prior needs at least one coupling layer, got {layers}")
         self.state_dim = state_dim
         self.register_buffer("origin", torch.zeros(state_dim))
-        self.couplings = nn.ModuleList(
+        add_couplings(self, "couplings", (
             T.affine_coupling(state_dim, hidden_dims=[hidden, hidden]) for _ in range(layers)
-        )
-        perms = [torch.randperm(state_dim) for _ in range(layers)]
-        for i, perm in enumerate(perms):
-            self.register_buffer(f"perm_{i}", perm)
+        ), state_dim)
 
     def distribution(self) -> dist.TorchDistribution:
+        """The prior, event shape ``(state,)``."""
         base = dist.Normal(self.origin, torch.ones_like(self.origin)).to_event(1)
-        transforms = []
-        for i, coupling in enumerate(self.couplings):
-            transforms += [coupling, T.Permute(getattr(self, f"perm_{i}"))]
-        return dist.TransformedDistribution(base, transforms)
+        return dist.TransformedDistribution(base, coupling_transforms(self, self.couplings))
 
 
 def build_prior(kind: str, state_dim: int, components: int, layers: int, hidden: int):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
+from vmt.models.flows import add_couplings, coupling_transforms
 from vmt.models.pyro_module import LocalParamsModule
 
 
@@ -77,19 +78,15 @@ class FlowTransition(LocalParamsModule):
         if layers < 1:
             raise ValueError(f"a flow transition needs at least one coupling layer, got {layers}")
         self.base = GatedTransition(state_dim, hidden, min_scale)
-        self.couplings = nn.ModuleList(
+        add_couplings(self, "couplings", (
             T.conditional_affine_coupling(state_dim, context_dim=state_dim, hidden_dims=[hidden])
             for _ in range(layers)
-        )
-        for i in range(layers):
-            self.register_buffer(f"perm_{i}", torch.randperm(state_dim))
+        ), state_dim)
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``p(x_{k+1} | x_k = x)`` for ``x (..., state)``: event shape ``(state,)``."""
         base = self.base.distribution(x)
-        transforms = []
-        for i, coupling in enumerate(self.couplings):
-            transforms += [coupling.condition(x), T.Permute(getattr(self, f"perm_{i}"))]
-        return dist.TransformedDistribution(base, transforms)
+        return dist.TransformedDistribution(base, coupling_transforms(self, self.couplings, x))
 
 
 def build_transition(kind: str, state_dim: int, hidden: int, layers: int, min_scale: float):
