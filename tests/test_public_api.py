@@ -46,3 +46,16 @@ def test_import_vmt_does_not_import_torch():
     code = "import sys, vmt; print('torch' in sys.modules, 'pyro' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_import_vmt_models_leaves_pyro_settings_alone():
+    """Only constructing a part turns on ``module_local_params`` (vmt.models.pyro_module)."""
+    code = (
+        "import pyro; pyro.settings.set(module_local_params=False)\n"
+        "import vmt.models, vmt.inference\n"
+        "print(pyro.settings.get('module_local_params'))\n"
+        "vmt.models.VariationalMarkovTransformer(vmt.models.VMTConfig(obs_dim=3, feature_dim=4))\n"
+        "print(pyro.settings.get('module_local_params'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

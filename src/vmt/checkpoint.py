@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vmt.atomic import fsync_dir
 from vmt.models.config import VMTConfig
 
 FORMAT_VERSION = 1
@@ -154,19 +155,6 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return best
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in tensors.items()
             if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -229,13 +217,13 @@ def save_checkpoint(
                     os.fsync(handle.fileno())
         version = folder / f"{_next_version(folder):06d}"
         os.rename(tmp, version)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         link = path.with_name(f".{path.name}.link-{os.getpid()}")
         if link.is_symlink() or link.exists():
             link.unlink()
         os.symlink(os.path.join(folder.name, version.name), link)
         os.replace(link, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(path, folder, version)

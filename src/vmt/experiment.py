@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vmt.config_fields import config_from_dict, known_fields
 from vmt.inference.evaluate import EvalResult, evaluate
 from vmt.inference.train import TrainConfig, TrainResult, fit
 
@@ -84,12 +85,8 @@ def _checked_fields(cls, data, what: str) -> dict:
     wrong type are a ValueError naming them."""
     import dataclasses
 
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} must be a JSON object, got {data!r}")
+    known_fields(cls, data, what)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown {what} fields {unknown} (known: {sorted(fields)})")
     for name, value in data.items():
         default = fields[name].default
         if isinstance(default, bool) and not isinstance(value, bool):
@@ -102,6 +99,21 @@ def _checked_fields(cls, data, what: str) -> dict:
         if isinstance(default, str) and not isinstance(value, str):
             raise ValueError(f"{what}.{name} must be a string, got {value!r}")
     return data
+
+
+def _without_derived_sizes(vmt: dict) -> dict:
+    """A preset's ``vmt`` entry, refused if it sets a size derived from the data and encoder."""
+    for derived in ("obs_dim", "feature_dim"):
+        if isinstance(vmt, dict) and derived in vmt:
+            raise ValueError(f"{derived} is derived from the data and encoder; remove it from the preset")
+    return vmt
+
+
+def _train_config(train) -> TrainConfig:
+    """A schedule's ``train`` entry as a :class:`TrainConfig`."""
+    if not isinstance(train, dict):
+        raise ValueError(f"schedule.train must be a JSON object, got {train!r}")
+    return TrainConfig.from_dict(train)
 
 
 @dataclass(frozen=True)
@@ -162,12 +174,12 @@ class ModelPreset:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelPreset:
-        data = dict(_checked_fields(ModelPreset, data, "preset"))
-        enc = EncoderSpec(**_checked_fields(EncoderSpec, data.pop("encoder", {}), "encoder"))
-        for derived in ("obs_dim", "feature_dim"):
-            if derived in data.get("vmt", {}):
-                raise ValueError(f"{derived} is derived from the data and encoder; remove it from the preset")
-        return cls(encoder=enc, **data)
+        """The preset of a JSON object; unknown keys (here or in ``encoder``) are a ``ValueError``."""
+        data = {"encoder": {}, **_checked_fields(ModelPreset, data, "preset")}
+        return config_from_dict(cls, data, "preset", nested={
+            "encoder": lambda enc: EncoderSpec(**_checked_fields(EncoderSpec, enc, "encoder")),
+            "vmt": _without_derived_sizes,
+        })
 
 
 @dataclass(frozen=True)
@@ -193,13 +205,11 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data: dict) -> Schedule:
-        data = dict(data) if isinstance(data, dict) else _checked_fields(Schedule, data, "schedule")
-        train = data.pop("train", {})
-        if not isinstance(train, dict):
-            raise ValueError(f"schedule.train must be a JSON object, got {train!r}")
-        train = TrainConfig.from_dict(train)
-        data.pop("description", None)
-        return cls(train=train, **_checked_fields(Schedule, data, "schedule"))
+        """The schedule of a JSON object (a ``description`` is dropped); unknown keys, here or
+        in ``train``, are a ``ValueError`` naming them."""
+        data = {"train": {}, **known_fields(Schedule, data, "schedule", ignore=("description",))}
+        _checked_fields(Schedule, {k: v for k, v in data.items() if k != "train"}, "schedule")
+        return config_from_dict(cls, data, "schedule", nested={"train": _train_config})
 
 
 class RunInterrupted(Exception):

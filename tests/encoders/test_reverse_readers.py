@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader, TransformerReader
+from vmt.encoders.small_readers import GRUReader, TransformerReader
 
 VOCAB, FEAT = 13, 5
 

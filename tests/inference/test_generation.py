@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader
+from vmt.encoders.small_readers import GRUReader
 from vmt.inference.generation import (
     Conversation,
     SamplingConfig,

@@ -5,7 +5,8 @@ import math
 import pyro.distributions as dist
 import torch
 
-from vmt.inference.kalman import LinearGaussianSSM, kalman_smoother
+from vmt.inference.kalman import kalman_smoother
+from vmt.models.lgssm import LinearGaussianSSM
 
 
 def random_ssm(n=2, m=3, seed=0):

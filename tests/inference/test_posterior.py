@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader
-from vmt.inference.elbo import elbo_terms
-from vmt.inference.kalman import example_ssm, kalman_smoother
+from vmt.encoders.small_readers import GRUReader
+from vmt.inference.kalman import kalman_smoother
 from vmt.inference.posterior import (
     mean_sd,
     plot_predictive,
@@ -16,7 +15,8 @@ from vmt.inference.posterior import (
     posterior_states,
     summarize,
 )
-from vmt.models import ChainBatch, VMTConfig
+from vmt.models import VMTConfig
+from vmt.models.lgssm import example_ssm
 from vmt.models.oracles import linear_gaussian_vmt
 from vmt.models.vmt import VariationalMarkovTransformer
 
@@ -70,26 +70,11 @@ STEPS = 16
 
 
 @pytest.mark.integration
-def test_exported_moments_match_the_kalman_smoother():
-    torch.set_num_threads(1)
+def test_exported_moments_match_the_kalman_smoother(train_oracle_guide):
     ssm = example_ssm()
     vmt = linear_gaussian_vmt(ssm, GRUReader("features", 32, feature_dim=2), feature_dim=32,
                               guide_hidden=32, max_window=STEPS)
-    params = [p for p in vmt.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-2)
-    steps = 400
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.full((64,), STEPS)
-    for _ in range(steps):
-        _, y = ssm.simulate(STEPS, 64, g)
-        batch = ChainBatch(obs=y, start=torch.zeros(64, dtype=torch.long), end=lengths,
-                           reader_input=y, reader_lengths=lengths)
-        loss = -elbo_terms(vmt, batch).elbo_per_row().mean() / STEPS
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    train_oracle_guide(vmt, ssm, steps=400, length=STEPS)
     _, y = ssm.simulate(STEPS, 3, torch.Generator().manual_seed(2))
     errs, ratios = [], []
     for i in range(3):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from vmt.inference.kalman import example_ssm
 from vmt.inference.predictive import filter_continuation, next_token_probs
 from vmt.models import VMTConfig
+from vmt.models.lgssm import example_ssm
 from vmt.models.oracles import linear_gaussian_vmt
 from vmt.models.vmt import VariationalMarkovTransformer
 

@@ -5,25 +5,14 @@ import tracemalloc
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader
 from vmt.inference.reading import ReadConfig, continuation_cost, flipped, read
-from vmt.models import ChainBatch, VMTConfig
+from vmt.models import ChainBatch
 from vmt.models.chain import ChainPrior, GuideChain, SequenceEmission
-from vmt.models.vmt import VariationalMarkovTransformer
 
 VOCAB = 11
 
 
-def small_vmt(reverse=False, dtype=torch.float64):
-    torch.set_default_dtype(dtype)
-    try:
-        config = VMTConfig(state_dim=4, obs_dim=VOCAB, feature_dim=6, guide_hidden=8,
-                           transition_hidden=8, prior_components=2, max_window=64, max_skip=8,
-                           reverse=reverse)
-        reader = GRUReader("tokens", 6, vocab_size=VOCAB, embed_dim=5)
-        return VariationalMarkovTransformer(config, reader=reader)
-    finally:
-        torch.set_default_dtype(torch.float32)
+SIZES = dict(vocab=VOCAB, state_dim=4, width=6, hidden=8, embed_dim=5, max_skip=8)  # small_vmt's sizes
 
 
 class Recording:
@@ -38,8 +27,8 @@ class Recording:
         return self.fn(inputs, lengths)
 
 
-def test_single_window_read_matches_the_core_chain_scores():
-    vmt = small_vmt()
+def test_single_window_read_matches_the_core_chain_scores(float64, small_vmt):
+    vmt = small_vmt(**SIZES)
     tokens = torch.randint(0, VOCAB, (9,))
     res = read(vmt, tokens, ReadConfig(window=16, keep_path=True), samples=5)
     assert res.windows == 1 and res.scored == 9 and res.position == 8
@@ -62,8 +51,8 @@ def test_single_window_read_matches_the_core_chain_scores():
     torch.testing.assert_close(res.state, x[:, -1])
 
 
-def test_windows_advance_by_half_and_never_exceed_w():
-    vmt = small_vmt()
+def test_windows_advance_by_half_and_never_exceed_w(float64, small_vmt):
+    vmt = small_vmt(**SIZES)
     fn = Recording(vmt.reader)
     tokens = torch.randint(0, VOCAB, (50,))
     res = read(vmt, tokens, ReadConfig(window=8, keep_path=True), fn, samples=2)
@@ -76,10 +65,10 @@ def test_windows_advance_by_half_and_never_exceed_w():
     assert torch.isfinite(res.elbo).all()
 
 
-def test_carried_state_continues_exactly():
+def test_carried_state_continues_exactly(float64, small_vmt):
     """Reading [a, b] in one go equals reading a, then b from the carried state, when the
     windows line up (the guide sees the same contexts)."""
-    vmt = small_vmt()
+    vmt = small_vmt(**SIZES)
     tokens = torch.randint(0, VOCAB, (12,))
     torch.manual_seed(3)
     whole = read(vmt, tokens, ReadConfig(window=12, keep_path=True))
@@ -90,8 +79,8 @@ def test_carried_state_continues_exactly():
     assert tail.scored == 7 and tail.position == 6
 
 
-def test_reading_memory_does_not_grow_with_input_length():
-    vmt = small_vmt(dtype=torch.float32)
+def test_reading_memory_does_not_grow_with_input_length(small_vmt):
+    vmt = small_vmt(**SIZES)
     config = ReadConfig(window=16)
 
     tokens = torch.randint(0, VOCAB, (5000,))
@@ -113,8 +102,8 @@ def test_reading_memory_does_not_grow_with_input_length():
 
 
 @pytest.mark.parametrize("skip", [2, 4])
-def test_skip_read_samples_every_t_and_ends_at_the_last_token(skip):
-    vmt = small_vmt()
+def test_skip_read_samples_every_t_and_ends_at_the_last_token(skip, float64, small_vmt):
+    vmt = small_vmt(**SIZES)
     tokens = torch.randint(0, VOCAB, (23,))
     res = read(vmt, tokens, ReadConfig(window=8, skip=skip, keep_path=True), samples=3)
     visited = torch.isfinite(res.path[0, :, 0]).nonzero().flatten().tolist()
@@ -130,8 +119,8 @@ def test_skip_read_samples_every_t_and_ends_at_the_last_token(skip):
     assert cost > 0
 
 
-def test_jump_draws_the_first_window_end_from_the_reverse_guide():
-    vmt = small_vmt(reverse=True)
+def test_jump_draws_the_first_window_end_from_the_reverse_guide(float64, small_vmt):
+    vmt = small_vmt(**SIZES, reverse=True)
     tokens = torch.randint(0, VOCAB, (20,))
     res = read(vmt, tokens, ReadConfig(window=8, jump=True, keep_path=True), samples=4000)
     visited = torch.isfinite(res.path[0, :, 0]).nonzero().flatten().tolist()
@@ -150,8 +139,8 @@ def test_jump_draws_the_first_window_end_from_the_reverse_guide():
     assert bool(((x.std(0) / scale - 1).abs() < 0.1).all())
 
 
-def test_bad_input_is_rejected_with_clear_errors():
-    vmt = small_vmt()
+def test_bad_input_is_rejected_with_clear_errors(float64, small_vmt):
+    vmt = small_vmt(**SIZES)
     with pytest.raises(ValueError, match="empty input"):
         read(vmt, torch.zeros(0, dtype=torch.long))
     for w in (0, 1):
@@ -169,8 +158,8 @@ def test_bad_input_is_rejected_with_clear_errors():
         read(vmt, torch.tensor([3, 1]), x0=torch.zeros(2, 3))
 
 
-def test_feature_tokens_reach_the_reader_and_tokens_the_emission():
-    vmt = small_vmt()
+def test_feature_tokens_reach_the_reader_and_tokens_the_emission(float64, small_vmt):
+    vmt = small_vmt(**SIZES)
     tokens = torch.randint(0, VOCAB, (20,))
     shown = (tokens + 1) % VOCAB
     seen = []

@@ -5,10 +5,7 @@ import math
 import pytest
 import torch
 
-from vmt.encoders.readers import GRUReader
 from vmt.inference.state_memory import MemoryReader, StateMemoryConfig, StateStore
-from vmt.models import VMTConfig
-from vmt.models.vmt import VariationalMarkovTransformer
 
 
 def test_nearest_is_the_highest_cosine_among_old_enough_entries():
@@ -48,14 +45,11 @@ def test_bad_settings_raise():
         StateStore(2).store(torch.zeros(3), 0)
 
 
-def small_vmt():
-    config = VMTConfig(state_dim=3, obs_dim=7, feature_dim=4, guide_hidden=8,
-                       transition_hidden=8, prior_components=2, max_window=32)
-    return VariationalMarkovTransformer(config, reader=GRUReader("tokens", 4, vocab_size=7))
+SIZES = dict(vocab=7, state_dim=3, width=4, hidden=8, max_window=32)  # the small_vmt fixture's sizes
 
 
-def test_reader_stores_recalls_and_reads_the_recall_back():
-    vmt = small_vmt()
+def test_reader_stores_recalls_and_reads_the_recall_back(small_vmt):
+    vmt = small_vmt(**SIZES)
     # threshold -1: every eligible entry is close enough, so recalls happen as soon as an
     # entry is min_age old; no fading
     config = StateMemoryConfig(capacity=3, store_every=8, threshold=-1.0, recall_length=5,
@@ -76,8 +70,8 @@ def test_reader_stores_recalls_and_reads_the_recall_back():
         strict.read(torch.zeros(0, dtype=torch.long))
 
 
-def test_unrevisited_entries_fade_while_reading():
-    vmt = small_vmt()
+def test_unrevisited_entries_fade_while_reading(small_vmt):
+    vmt = small_vmt(**SIZES)
     config = StateMemoryConfig(store_every=10, threshold=1.0, decay=0.9, min_strength=0.3,
                                min_age=0)
     reader = MemoryReader(vmt, config, window=8)
@@ -87,8 +81,8 @@ def test_unrevisited_entries_fade_while_reading():
     assert len(reader.store) == 2
 
 
-def test_store_and_reads_keep_the_model_dtype():
-    vmt = small_vmt().double()
+def test_store_and_reads_keep_the_model_dtype(small_vmt):
+    vmt = small_vmt(**SIZES).double()
     reader = MemoryReader(vmt, StateMemoryConfig(store_every=8, threshold=-1.0, min_age=8),
                           window=8)
     state = reader.read(torch.randint(0, 7, (24,)))

@@ -8,36 +8,18 @@ import torch
 from vmt.checkpoint import load_checkpoint
 from vmt.inference.evaluate import evaluate
 from vmt.inference.train import TrainConfig, Trainer, fit
-from vmt.models import VariationalMarkovTransformer, VMTConfig
 
 VOCAB = 12
 
 
-def periodic_documents(n=12, seed=0):
-    """Documents of a noisy period-4 pattern: learnable, so the ELBO must improve."""
-    g = torch.Generator().manual_seed(seed)
-    docs = []
-    for _ in range(n):
-        length = int(torch.randint(20, 40, (1,), generator=g))
-        phase = int(torch.randint(0, 4, (1,), generator=g))
-        base = (torch.arange(length) + phase) % 4
-        noise = torch.rand(length, generator=g) < 0.1
-        docs.append(torch.where(noise, torch.randint(4, VOCAB, (length,), generator=g), base))
-    return docs
-
-
-def small_vmt():
-    config = VMTConfig(state_dim=4, obs_dim=VOCAB, feature_dim=16, guide_hidden=16,
-                       transition_hidden=16, prior_components=2, max_window=64)
-    spec = {"kind": "gru", "kwargs": {"input": "tokens", "hidden_size": 16, "vocab_size": VOCAB}}
-    return VariationalMarkovTransformer(config, reader_spec=spec)
+SIZES = dict(vocab=VOCAB, state_dim=4, width=16, hidden=16)  # the small_vmt fixture's sizes
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("regime", ["subsequence", "windows"])
-def test_training_improves_the_heldout_bound(regime):
+def test_training_improves_the_heldout_bound(regime, periodic_documents, small_vmt):
     docs = periodic_documents()
-    vmt = small_vmt()
+    vmt = small_vmt(**SIZES)
     before = evaluate(vmt, docs[:4], window=16, particles=4)
     config = TrainConfig(regime=regime, steps=150, batch_size=8, max_length=16, window=16,
                          budget=256, learning_rate=1e-2, log_every=10, max_skip=4)
@@ -53,24 +35,25 @@ def test_training_improves_the_heldout_bound(regime):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(("regime", "lr_decay_steps"), [("subsequence", 0), ("windows", 0), ("windows", 20)])
-def test_resumed_run_continues_the_same_loss_curve(tmp_path, regime, lr_decay_steps):
+def test_resumed_run_continues_the_same_loss_curve(tmp_path, regime, lr_decay_steps, periodic_documents, small_vmt):
     docs = periodic_documents()
     config = TrainConfig(regime=regime, steps=20, batch_size=4, max_length=8, window=8,
                          budget=64, log_every=1, checkpoint_every=10, max_skip=3, lr_decay_steps=lr_decay_steps)
     torch.manual_seed(1)
-    straight = fit(small_vmt(), docs, config, progress=False)
+    straight = fit(small_vmt(**SIZES), docs, config, progress=False)
 
     torch.manual_seed(1)
     if lr_decay_steps == 0:
-        first = Trainer(small_vmt(), docs, TrainConfig(**{**config.__dict__, "steps": 10}), checkpoint_dir=tmp_path / "ck")
+        first = Trainer(small_vmt(**SIZES), docs, TrainConfig(**{**config.__dict__, "steps": 10}),
+                        checkpoint_dir=tmp_path / "ck")
         first.fit(progress=False)
     else:  # the same run stopped half way
-        first = Trainer(small_vmt(), docs, config, checkpoint_dir=tmp_path / "ck")
+        first = Trainer(small_vmt(**SIZES), docs, config, checkpoint_dir=tmp_path / "ck")
         for _ in range(10):
             first.train_step(config.annealing(first.step))
         first.save()
     torch.manual_seed(999)  # a different process state: resume must restore what matters
-    second = Trainer(small_vmt(), docs, config, checkpoint_dir=tmp_path / "ck")
+    second = Trainer(small_vmt(**SIZES), docs, config, checkpoint_dir=tmp_path / "ck")
     assert second.resume() and second.step == 10
     resumed = second.fit(progress=False)
     a = [h["loss"] for h in straight.history]
@@ -79,7 +62,7 @@ def test_resumed_run_continues_the_same_loss_curve(tmp_path, regime, lr_decay_st
     assert a[-len(b):] == pytest.approx(b, rel=1e-5)
 
 
-def test_cosine_learning_rate_schedule():
+def test_cosine_learning_rate_schedule(periodic_documents, small_vmt):
     config = TrainConfig(steps=100, learning_rate=0.01, lr_decay_steps=100, lr_final_fraction=0.1)
     assert config.learning_rate_at(0) == pytest.approx(0.01)
     assert config.learning_rate_at(50) == pytest.approx(0.0055)  # halfway: the mean of the ends
@@ -88,7 +71,7 @@ def test_cosine_learning_rate_schedule():
     assert all(a >= b for a, b in zip(rates, rates[1:]))
     assert TrainConfig(learning_rate=0.01).learning_rate_at(77) == 0.01
     # the trainer applies it: the last step ran at the rate of step ``steps - 1``
-    trainer = Trainer(small_vmt(), periodic_documents(), TrainConfig(
+    trainer = Trainer(small_vmt(**SIZES), periodic_documents(), TrainConfig(
         steps=5, batch_size=4, max_length=8, budget=64, learning_rate=0.01, lr_decay_steps=5))
     trainer.fit(progress=False)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.config.learning_rate_at(4))
@@ -97,9 +80,9 @@ def test_cosine_learning_rate_schedule():
             TrainConfig(**bad)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, periodic_documents, small_vmt):
     docs = periodic_documents()
-    vmt = small_vmt()
+    vmt = small_vmt(**SIZES)
     config = TrainConfig(steps=30, batch_size=4, max_length=8, budget=64, checkpoint_every=5, log_every=1)
     trainer = Trainer(vmt, docs, config, checkpoint_dir=tmp_path / "ck")
     trainer.fit(progress=False)
@@ -115,9 +98,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.equal(restored[k], good[k]) for k in good)
 
 
-def test_interrupt_saves_a_checkpoint(tmp_path, monkeypatch):
+def test_interrupt_saves_a_checkpoint(tmp_path, monkeypatch, periodic_documents, small_vmt):
     docs = periodic_documents()
-    trainer = Trainer(small_vmt(), docs, TrainConfig(steps=50, batch_size=4, max_length=8, budget=64),
+    trainer = Trainer(small_vmt(**SIZES), docs, TrainConfig(steps=50, batch_size=4, max_length=8, budget=64),
                       checkpoint_dir=tmp_path / "ck")
     calls = {"n": 0}
     original = trainer.loss
@@ -135,7 +118,7 @@ def test_interrupt_saves_a_checkpoint(tmp_path, monkeypatch):
 
 
 # -- devices and dtypes: tensors follow the model (float64 here), never a hard-coded default ---
-def test_attach_carried_keeps_the_dtype_and_device_of_the_carried_states():
+def test_attach_carried_keeps_the_dtype_and_device_of_the_carried_states(periodic_documents):
     from vmt.inference.windows import DocumentStreams, attach_carried
 
     docs = periodic_documents(n=3)
@@ -155,10 +138,10 @@ def test_attach_carried_keeps_the_dtype_and_device_of_the_carried_states():
         attach_carried(second, {d: torch.zeros(3, dtype=torch.float64) for d in carried}, 4)
 
 
-def test_evaluate_carries_float64_states_of_a_float64_model_exactly(monkeypatch):
+def test_evaluate_carries_float64_states_of_a_float64_model_exactly(monkeypatch, periodic_documents, small_vmt):
     import vmt.inference.evaluate as evaluation
 
-    vmt = small_vmt().double()
+    vmt = small_vmt(**SIZES).double()
     seen = []
     original = evaluation.elbo_terms
 
@@ -188,10 +171,10 @@ def test_evaluate_carries_float64_states_of_a_float64_model_exactly(monkeypatch)
     assert result.iwae_per_token <= result.neg_elbo_per_token + 1e-12
 
 
-def test_windows_training_of_a_float64_model_stays_float64(monkeypatch):
+def test_windows_training_of_a_float64_model_stays_float64(monkeypatch, periodic_documents, small_vmt):
     import vmt.inference.train as training
 
-    vmt = small_vmt().double()
+    vmt = small_vmt(**SIZES).double()
     dtypes = []
     original = training.elbo_terms
 

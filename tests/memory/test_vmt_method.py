@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vmt.data.vocab import Vocabulary
-from vmt.encoders.readers import GRUReader
+from vmt.encoders.small_readers import GRUReader
 from vmt.memory.methods import play_rps
 from vmt.memory.vmt_method import VMTMethod
 from vmt.models import VMTConfig

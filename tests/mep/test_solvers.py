@@ -227,3 +227,14 @@ def test_candidate_data_validation():
         fit_conditional(data, method="newton")
     with pytest.raises(ValueError, match="l2"):
         fit_conditional(data, l2=-1.0)
+
+
+def test_the_solvers_module_re_exports_its_three_parts_under_the_same_names():
+    import vmt.mep
+    from vmt.mep import conditional, joint, proportional_fitting, solvers
+
+    parts = {**{n: joint for n in joint.__all__}, **{n: proportional_fitting for n in proportional_fitting.__all__},
+             **{n: conditional for n in conditional.__all__}}
+    assert sorted(parts) == sorted(solvers.__all__)
+    for name, module in parts.items():
+        assert getattr(solvers, name) is getattr(module, name) is getattr(vmt.mep, name)

@@ -25,24 +25,21 @@ CASES = {
 
 
 def make(case, carried=False, rows=3, steps=7):
-    torch.set_default_dtype(torch.float64)
-    try:
-        config = VMTConfig(state_dim=4, feature_dim=6, guide_hidden=8, transition_hidden=8,
-                           prior_components=3, max_window=16, **CASES[case])
-        vmt = VariationalMarkovTransformer(config)
-        end = torch.tensor([steps, steps - 2, 3])[:rows]
-        if config.emission == "categorical":
-            obs = torch.randint(0, config.obs_dim, (rows, steps))
-        elif config.emission == "bernoulli":
-            obs = torch.randint(0, 2, (rows, steps, config.obs_dim)).double()
-        else:
-            obs = torch.randn(rows, steps, config.obs_dim)
-        batch = ChainBatch(obs=obs, start=torch.zeros(rows, dtype=torch.long), end=end,
-                           features=torch.randn(rows, steps, 6))
-        if carried:
-            batch = batch.with_(x0=torch.randn(rows, 4), carried=torch.ones(rows, dtype=torch.bool))
-    finally:
-        torch.set_default_dtype(torch.float32)
+    """A VMT of ``case`` and a batch for it, in the default dtype (the tests ask for ``float64``)."""
+    config = VMTConfig(state_dim=4, feature_dim=6, guide_hidden=8, transition_hidden=8,
+                       prior_components=3, max_window=16, **CASES[case])
+    vmt = VariationalMarkovTransformer(config)
+    end = torch.tensor([steps, steps - 2, 3])[:rows]
+    if config.emission == "categorical":
+        obs = torch.randint(0, config.obs_dim, (rows, steps))
+    elif config.emission == "bernoulli":
+        obs = torch.randint(0, 2, (rows, steps, config.obs_dim)).double()
+    else:
+        obs = torch.randn(rows, steps, config.obs_dim)
+    batch = ChainBatch(obs=obs, start=torch.zeros(rows, dtype=torch.long), end=end,
+                       features=torch.randn(rows, steps, 6))
+    if carried:
+        batch = batch.with_(x0=torch.randn(rows, 4), carried=torch.ones(rows, dtype=torch.bool))
     return vmt, batch
 
 
@@ -53,7 +50,7 @@ def grads(vmt, loss):
 
 @pytest.mark.parametrize("carried", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fast_elbo_equals_per_step_reference(case, carried):
+def test_fast_elbo_equals_per_step_reference(case, carried, float64):
     vmt, batch = make(case, carried)
 
     pyro.set_rng_seed(123)
@@ -77,7 +74,7 @@ def test_fast_elbo_equals_per_step_reference(case, carried):
         assert torch.allclose(fast, ref, rtol=1e-6, atol=1e-9)
 
 
-def test_fast_elbo_equals_pyro_trace_elbo_with_annealing():
+def test_fast_elbo_equals_pyro_trace_elbo_with_annealing(float64):
     vmt, batch = make("categorical-gated")
     pyro.set_rng_seed(5)
     ours = -elbo_terms(vmt, batch).elbo_per_row(annealing=0.3).sum()
@@ -86,7 +83,7 @@ def test_fast_elbo_equals_pyro_trace_elbo_with_annealing():
     assert torch.allclose(ours, theirs, rtol=1e-10)
 
 
-def test_offset_rows_score_like_sliced_sequences():
+def test_offset_rows_score_like_sliced_sequences(float64):
     """A row starting at position j scores a path exactly like the sequence sliced at j."""
     vmt, batch = make("categorical-gated", rows=1, steps=7)
     x = torch.randn(1, 7, 4, dtype=torch.float64)
@@ -105,7 +102,7 @@ def test_offset_rows_score_like_sliced_sequences():
 
 
 def test_folded_reader_serves_as_the_guide_reader_and_reads_in_reverse():
-    from vmt.models.readers import build_reader
+    from vmt.models.reader_spec import build_reader
 
     reader = build_reader({"kind": "folded", "kwargs": {"segment_length": 4, "d_model": 16,
                                                          "n_heads": 2, "d_ff": 32, "vocab_size": 9}})

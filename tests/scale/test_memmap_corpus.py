@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from vmt.data.corpus import CharTokenizer, tokenize
-from vmt.data.memmap import MemmapCorpus, MemmapSampler, build_memmap_corpus
-from vmt.inference.subsequences import SubsequenceSampler
+from vmt.data.memmap import MemmapCorpus, build_memmap_corpus
+from vmt.inference.subsequences import MemmapSampler, SubsequenceSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import HERE, PYTHON, worker_env  # noqa: E402

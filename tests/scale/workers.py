@@ -113,8 +113,9 @@ def limited(args) -> None:
     """Under RLIMIT_DATA = current usage + headroom: build a memmap corpus from the text files,
     sample from it and train a few steps on it; report peak usage."""
     from vmt.data.corpus import CharTokenizer
-    from vmt.data.memmap import MemmapSampler, build_memmap_corpus
+    from vmt.data.memmap import build_memmap_corpus
     from vmt.inference.distributed import DistributedTrainer
+    from vmt.inference.subsequences import MemmapSampler
 
     torch.set_num_threads(1)
     tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz \n")

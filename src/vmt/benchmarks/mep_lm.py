@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vmt.atomic import atomic_write
 from vmt.benchmarks.report import BenchResult, markdown_table
 from vmt.mep import CandidateData, WindowedLM, conditional_log_prob, copy_similarity_features
 from vmt.mep.solvers import fit_conditional
@@ -76,9 +77,8 @@ def _cached(key: str, compute):
             return {k: f[k] for k in f.files}
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)
-    tmp.replace(path)
+    with atomic_write(path) as fh:
+        np.savez(fh, **out)
     return out
 
 

@@ -17,10 +17,11 @@ truncates the partial files to the last record and reads on from there. ``header
 written last, so a folder with a header is complete.
 
 :class:`MemmapCorpus` opens such a folder without reading it: documents are sliced from the
-memory map on demand. :class:`MemmapSampler` draws random subsequences straight from the map
-(same ``sample(batch_size, length)`` contract as
-:class:`vmt.inference.subsequences.SubsequenceSampler`), and :attr:`MemmapCorpus.documents` is a
-lazy ``Sequence[Tensor]`` for code that takes a list of documents.
+memory map on demand. :meth:`MemmapCorpus.sample_subsequences` draws random subsequences
+straight from the map (as token tensors: this module builds no model batches;
+:class:`vmt.inference.subsequences.MemmapSampler` turns them into training batches), and
+:attr:`MemmapCorpus.documents` is a lazy ``Sequence[Tensor]`` for code that takes a list of
+documents.
 
 Corruption is never used: opening checks the file sizes, that the offsets rise from 0 and
 their checksum (cheap), and every block of ``tokens.bin`` is checked against its sha256 the
@@ -37,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -45,15 +45,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from vmt.atomic import atomic_write
 from vmt.data.corpus import tokenizer_name, tokenizer_vocab_size
-from vmt.models.batch import ChainBatch, sampled_batch
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DocumentView",
     "MemmapCorpus",
-    "MemmapSampler",
     "build_memmap_corpus",
 ]
 
@@ -63,16 +62,8 @@ Split = Literal["blank", "line", "file"]
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, "w", fsync=True) as fh:
+        json.dump(data, fh, indent=1)
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -349,10 +340,8 @@ def _finalise(out: Path, plan: dict, n_docs: int, n_tokens: int, dtype: np.dtype
     offsets = np.concatenate([np.zeros(1, dtype=np.int64), ends])
     fingerprint = _fingerprint(out / "tokens.bin.partial", dtype, offsets, plan["tokenizer_name"],
                                plan["vocab_size"])
-    fd, tmp = tempfile.mkstemp(prefix="offsets.", suffix=".npy.tmp", dir=out)
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_write(out / "offsets.npy") as fh:
         np.save(fh, offsets)
-    os.replace(tmp, out / "offsets.npy")
     os.replace(out / "tokens.bin.partial", out / "tokens.bin")
     header = {**plan, "num_documents": n_docs, "num_tokens": n_tokens, "fingerprint": fingerprint,
               "offsets_sha256": _offsets_sha256(offsets), "block_bytes": BLOCK_BYTES,
@@ -528,51 +517,42 @@ class MemmapCorpus:
         pos = torch.randint(0, self.num_tokens, (count,), generator=generator).numpy()
         return torch.from_numpy(np.searchsorted(self.offsets, pos, side="right") - 1).long()
 
+    def sample_subsequences(
+        self, batch_size: int, length: int, generator: torch.Generator, features=None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """``batch_size`` random contiguous subsequences of ``length`` tokens (shorter where a
+        document is): documents drawn in proportion to their length, a uniform start inside each.
+
+        Args:
+            batch_size: how many subsequences.
+            length: the longest subsequence.
+            generator: the random source.
+            features: optional lookup ``i -> (features (time, feature), ahead (time,))``; a
+                lookup with a ``slice(i, start, stop)`` method is read only where sampled.
+
+        Returns:
+            ``(sequences, features)``: ``batch_size`` tensors ``(time_b,)`` int64, and the
+            matching ``(time_b, feature)`` slices (``None`` without a lookup).
+        """
+        if batch_size < 1 or length < 1:
+            raise ValueError(f"batch_size and length must be >= 1, got {batch_size}, {length}")
+        docs = self.sample_documents(batch_size, generator)
+        seqs, feats = [], []
+        for d in docs.tolist():
+            n = int(self.offsets[d + 1] - self.offsets[d])
+            take = min(length, n)
+            a = int(torch.randint(0, n - take + 1, (1,), generator=generator))
+            seqs.append(self.slice(d, a, a + take))
+            if features is not None:
+                if hasattr(features, "slice"):
+                    f, _ = features.slice(d, a, a + take)
+                else:
+                    f = features(d)[0][a : a + take]
+                feats.append(f)
+        return seqs, (feats if features is not None else None)
+
     def __repr__(self) -> str:
         return (
             f"MemmapCorpus({str(self.directory)!r}, documents={len(self)}, "
             f"num_tokens={self.num_tokens}, vocab_size={self.vocab_size})"
         )
-
-
-class MemmapSampler:
-    """Random contiguous subsequences straight from a :class:`MemmapCorpus`.
-
-    The same contract as :class:`vmt.inference.subsequences.SubsequenceSampler` (documents
-    drawn in proportion to their length, a uniform start inside each), without ever holding
-    the corpus in memory.
-
-    Args:
-        corpus: the corpus.
-        features: optional lookup ``i -> (features (time, feature), ahead (time,))``; a lookup
-            with a ``slice(i, start, stop)`` method is read only where sampled.
-        generator: the random source.
-    """
-
-    def __init__(self, corpus: MemmapCorpus, features=None, generator: torch.Generator | None = None):
-        self.corpus = corpus
-        self.features = features
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-
-    def sample(self, batch_size: int, length: int) -> ChainBatch:
-        """``batch_size`` subsequences of ``length`` tokens (shorter where a document is).
-
-        Returns a batch with ``obs`` ``(batch, time)`` int64 and either ``features``
-        ``(batch, time, feature)`` or ``reader_input`` for a trainable reader.
-        """
-        if batch_size < 1 or length < 1:
-            raise ValueError(f"batch_size and length must be >= 1, got {batch_size}, {length}")
-        docs = self.corpus.sample_documents(batch_size, self.generator)
-        seqs, feats = [], []
-        for d in docs.tolist():
-            n = int(self.corpus.offsets[d + 1] - self.corpus.offsets[d])
-            take = min(length, n)
-            a = int(torch.randint(0, n - take + 1, (1,), generator=self.generator))
-            seqs.append(self.corpus.slice(d, a, a + take))
-            if self.features is not None:
-                if hasattr(self.features, "slice"):
-                    f, _ = self.features.slice(d, a, a + take)
-                else:
-                    f = self.features(d)[0][a : a + take]
-                feats.append(f)
-        return sampled_batch(seqs, feats if self.features is not None else None)

@@ -17,9 +17,7 @@ import builtins
 import hashlib
 import io
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vmt.atomic import atomic_write
 from vmt.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -212,14 +211,8 @@ def _chorale_names() -> list[str]:
 
 def _atomic_save_npz(target: Path, **arrays: np.ndarray) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(target) as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def _chorale_roll(name: str, folder: Path) -> np.ndarray:

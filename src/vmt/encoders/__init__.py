@@ -4,7 +4,7 @@ from vmt.encoders.cache import FeatureCache, plan_windows
 from vmt.encoders.features import LMFeatureExtractor, flip_within_lengths
 from vmt.encoders.lora import LoRAConfig, LoRALinear, add_lora, lora_parameters, merge_lora
 from vmt.encoders.pretrained import load_pretrained_lm
-from vmt.encoders.readers import GRUReader, TransformerReader
+from vmt.encoders.small_readers import GRUReader, TransformerReader
 
 __all__ = [
     "FeatureCache",

@@ -36,8 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from vmt.atomic import atomic_write_bytes
 from vmt.data.corpus import TokenizedCorpus
 from vmt.data.memmap import file_sha256
 from vmt.paths import cache_dir
@@ -117,26 +116,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype}")
 
 
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name.split(".", 1)[0] + ".sha256")
 
 
 def _write_checked(target: Path, data: bytes, sidecar: Path | None = None) -> None:
     """Write ``data`` atomically, then its size and sha256 into ``sidecar`` (which marks it complete)."""
-    _atomic_write_bytes(target, data)
+    atomic_write_bytes(target, data)
     record = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    _atomic_write_bytes(sidecar or _sidecar(target), json.dumps(record).encode())
+    atomic_write_bytes(sidecar or _sidecar(target), json.dumps(record).encode())
 
 
 def file_problem(path: Path, sidecar: Path, full: bool) -> str | None:
@@ -425,7 +413,7 @@ class FeatureCache(CacheFolder):
                     "delete the folder to rebuild it"
                 )
         else:
-            _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+            atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
         cache_self = cls.__new__(cls)
         cache_self.directory, cache_self.meta = directory, meta
 

@@ -24,7 +24,13 @@ from torch import nn
 from vmt.encoders.lora import LoRAConfig, add_lora, lora_parameters
 from vmt.hf_compat import cache_keyword
 
-__all__ = ["LMFeatureExtractor", "check_lengths", "flip_within_lengths", "length_mask"]
+__all__ = [
+    "LMFeatureExtractor",
+    "check_lengths",
+    "encoder_autocast",
+    "flip_within_lengths",
+    "length_mask",
+]
 
 Direction = Literal["reverse", "forward"]
 Trainable = Literal["frozen", "full", "lora"]
@@ -65,6 +71,17 @@ def flip_within_lengths(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:
         idx = idx[:, :, None].expand(batch, time, x.shape[2])
     return x.gather(1, idx)
+
+
+def encoder_autocast(device: torch.device | str, enabled: bool | None = None):
+    """bf16 autocast for a (frozen) encoder: on by default on CUDA, off on CPU.
+
+    The probabilistic parts of a VMT run outside it, in the model's dtype.
+    """
+    device = torch.device(device)
+    if enabled is None:
+        enabled = device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _config_hash(config: Any) -> str:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,15 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from vmt.atomic import atomic_write, atomic_write_bytes
 from vmt.encoders.cache import (
     CacheFolder,
     WindowPlan,
     _ahead,
-    _atomic_write_bytes,
     _check_finite,
     file_sha256,
     plan_windows,
 )
+from vmt.encoders.features import encoder_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +56,8 @@ _NP_DTYPES = {torch.float16: "float16", torch.float32: "float32"}
 
 
 def _save_npy(target: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(target, fsync=True) as fh:
+        np.save(fh, array)
 
 
 def shard_table(lengths: list[int], shard_tokens: int) -> list[tuple[int, int]]:
@@ -272,7 +263,7 @@ class ShardedFeatureCache(CacheFolder):
                     f"({', '.join(diff)} differ); delete the folder to rebuild it"
                 )
         else:
-            _atomic_write_bytes(meta_path, json.dumps(meta).encode())
+            atomic_write_bytes(meta_path, json.dumps(meta).encode())
         cache = cls.__new__(cls)
         cache.directory, cache.meta = directory, meta
         pending = [s for s in range(len(shards)) if not cache._done(s)]
@@ -300,7 +291,7 @@ class ShardedFeatureCache(CacheFolder):
                 record = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                           for p in (f_path, a_path)}
                 # written last: marks the shard complete
-                _atomic_write_bytes(cache._record_path(s), json.dumps(record).encode())
+                atomic_write_bytes(cache._record_path(s), json.dumps(record).encode())
                 bar.update(int(feats.shape[0]))
                 if on_shard is not None:
                     on_shard(s)
@@ -315,8 +306,6 @@ class ShardedFeatureCache(CacheFolder):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features (tokens, hidden) float32, ahead (tokens,) int64)`` of documents ``docs``
         laid end to end."""
-        from vmt.inference.distributed import encoder_autocast
-
         direction = extractor.direction
         lengths = [len(corpus.documents[i]) for i in docs]
         base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

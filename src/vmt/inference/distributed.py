@@ -41,7 +41,8 @@ its streams at the first window of an epoch with no carried state (the model and
 continue).
 
 Precision. The probabilistic parts run with autocast disabled (their dtype is the model's,
-float32 by default); bf16 autocast is for the encoder only (:func:`encoder_autocast`).
+float32 by default); bf16 autocast is for the encoder only
+(:func:`vmt.encoders.features.encoder_autocast`, re-exported here).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from vmt.checkpoint import (
     read_meta_for,
     save_checkpoint,
 )
+from vmt.encoders.features import encoder_autocast as encoder_autocast
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import Curriculum, SubsequenceSampler, suffix_parallel_batch
 from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult, run_steps
@@ -123,14 +125,6 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
-
-
-def encoder_autocast(device: torch.device | str, enabled: bool | None = None):
-    """bf16 autocast for a (frozen) encoder: on by default on CUDA, off on CPU."""
-    device = torch.device(device)
-    if enabled is None:
-        enabled = device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def aux_counts(batch: ChainBatch, skip: int | None) -> tuple[int, int]:
@@ -256,7 +250,8 @@ class DistributedTrainer:
         self.meta = dict(meta or {})
         self.generator = torch.Generator()
         self.features = features
-        from vmt.data.memmap import MemmapCorpus, MemmapSampler
+        from vmt.data.memmap import MemmapCorpus
+        from vmt.inference.subsequences import MemmapSampler
 
         if isinstance(data, MemmapCorpus):
             self.documents = data.documents

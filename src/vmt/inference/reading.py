@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vmt.models.guide import GuideNet
+from vmt.models.parts import GaussianTransition
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _gaussian(net: GuideNet, loc, scale, combined):
 
 def _transition(transition, x_prev: torch.Tensor):
     """``p(x_k | x_{k-1})``, lean when the transition is Gaussian."""
-    if hasattr(transition, "loc_scale"):
+    if isinstance(transition, GaussianTransition):
         return _DiagNormal(*transition.loc_scale(x_prev))
     return transition.distribution(x_prev)
 

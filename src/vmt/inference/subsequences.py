@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vmt.data.memmap import MemmapCorpus
 from vmt.models.batch import ChainBatch, sampled_batch
 
 FeatureLookup = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -154,3 +155,33 @@ class SubsequenceSampler:
                     raise ValueError(f"the feature lookup gave {f.shape[0]} positions for document {d} of {n} tokens")
                 feats.append(f[a : a + take])
         return sampled_batch(seqs, feats if self.features is not None else None)
+
+
+class MemmapSampler:
+    """Random contiguous subsequences straight from a :class:`vmt.data.memmap.MemmapCorpus`.
+
+    The same contract as :class:`SubsequenceSampler` (documents drawn in proportion to their
+    length, a uniform start inside each), without ever holding the corpus in memory: the
+    corpus draws the token slices (:meth:`~vmt.data.memmap.MemmapCorpus.sample_subsequences`),
+    this sampler makes them a batch.
+
+    Args:
+        corpus: the corpus.
+        features: optional lookup ``i -> (features (time, feature), ahead (time,))``; a lookup
+            with a ``slice(i, start, stop)`` method is read only where sampled.
+        generator: the random source.
+    """
+
+    def __init__(self, corpus: MemmapCorpus, features=None, generator: torch.Generator | None = None):
+        self.corpus = corpus
+        self.features = features
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def sample(self, batch_size: int, length: int) -> ChainBatch:
+        """``batch_size`` subsequences of ``length`` tokens (shorter where a document is).
+
+        Returns a batch with ``obs`` ``(batch, time)`` int64 and either ``features``
+        ``(batch, time, feature)`` or ``reader_input`` for a trainable reader.
+        """
+        seqs, feats = self.corpus.sample_subsequences(batch_size, length, self.generator, self.features)
+        return sampled_batch(seqs, feats)

@@ -47,6 +47,7 @@ from vmt.checkpoint import (
     read_meta_for,
     save_checkpoint,
 )
+from vmt.config_fields import config_from_dict
 from vmt.encoders.teacher import TeacherTargets, soft_cross_entropy
 from vmt.inference.elbo import auxiliary_losses, elbo_terms
 from vmt.inference.subsequences import (
@@ -153,11 +154,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**data)
+        """The config of a JSON object; unknown keys are a ``ValueError`` naming them."""
+        return config_from_dict(cls, data, "TrainConfig")
 
 
 @dataclass

@@ -1,12 +1,11 @@
-"""The generative model, the guides and the chain distributions of a VMT."""
+"""The generative model, the guides and the chain distributions of a VMT.
 
-import pyro
+Importing this package changes no global setting: the parts turn on Pyro's
+``module_local_params`` when they are constructed (:mod:`vmt.models.pyro_module`).
+"""
 
-# Parameters live in their modules (torch style), not in Pyro's global parameter store.
-pyro.settings.set(module_local_params=True)
-
-from vmt.models.batch import ChainBatch, sequences_to_batch  # noqa: E402
-from vmt.models.config import VMTConfig  # noqa: E402
-from vmt.models.vmt import VariationalMarkovTransformer  # noqa: E402
+from vmt.models.batch import ChainBatch, sequences_to_batch
+from vmt.models.config import VMTConfig
+from vmt.models.vmt import VariationalMarkovTransformer
 
 __all__ = ["ChainBatch", "VMTConfig", "VariationalMarkovTransformer", "sequences_to_batch"]

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from vmt.config_fields import config_from_dict
+
 PriorKind = Literal["mixture", "flow", "token"]
 TransitionKind = Literal["gated", "linear", "flow", "token"]
 EmissionKind = Literal["categorical", "bernoulli", "gaussian", "token"]
@@ -132,11 +134,8 @@ class VMTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> VMTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown VMTConfig fields {sorted(unknown)}")
-        return cls(**data)
+        """The config of a JSON object; unknown keys are a ``ValueError`` naming them."""
+        return config_from_dict(cls, data, "VMTConfig")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import constraints
+
+from vmt.models.pyro_module import LocalParamsModule
 
 
 def _mlp(state_dim: int, hidden: int, out: int) -> nn.Module:
@@ -22,7 +24,7 @@ def _mlp(state_dim: int, hidden: int, out: int) -> nn.Module:
     )
 
 
-class CategoricalEmission(PyroModule):
+class CategoricalEmission(LocalParamsModule):
     """Softmax over a vocabulary of ``vocab`` tokens, like a GPT's final layer."""
 
     def __init__(self, state_dim: int, vocab_size: int, hidden: int = 0):
@@ -70,7 +72,7 @@ class CategoricalEmission(PyroModule):
         self.net.weight.requires_grad_(not freeze)
 
 
-class BernoulliEmission(PyroModule):
+class BernoulliEmission(LocalParamsModule):
     """Independent Bernoulli per observation dimension (e.g. the 88 keys of a piano roll)."""
 
     def __init__(self, state_dim: int, obs_dim: int, hidden: int = 0):
@@ -85,7 +87,7 @@ class BernoulliEmission(PyroModule):
         return self.distribution(x).log_prob(y)
 
 
-class GaussianEmission(PyroModule):
+class GaussianEmission(LocalParamsModule):
     """``y = f(x) + eps``, ``eps ~ N(0, diag(scale^2))``; ``f`` linear when ``hidden=0``."""
 
     def __init__(self, state_dim: int, obs_dim: int, hidden: int = 0):
@@ -103,8 +105,12 @@ class GaussianEmission(PyroModule):
 
 
 def build_emission(kind: str, state_dim: int, obs_dim: int, hidden: int):
+    """The emission ``kind`` names: ``"categorical"``, ``"bernoulli"`` or ``"gaussian"``
+    (``ValueError`` otherwise)."""
     if kind == "categorical":
         return CategoricalEmission(state_dim, obs_dim, hidden)
     if kind == "bernoulli":
         return BernoulliEmission(state_dim, obs_dim, hidden)
-    return GaussianEmission(state_dim, obs_dim, hidden)
+    if kind == "gaussian":
+        return GaussianEmission(state_dim, obs_dim, hidden)
+    raise ValueError(f"unknown emission kind {kind!r}; known: ['bernoulli', 'categorical', 'gaussian']")

@@ -12,11 +12,12 @@ import math
 
 import pyro.distributions.transforms as T
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
 from vmt.models.config import VMTConfig
+from vmt.models.flows import add_couplings, coupling_transforms
+from vmt.models.pyro_module import LocalParamsModule
 
 
 def feature_context(net, features: torch.Tensor, ahead: torch.Tensor,
@@ -36,7 +37,7 @@ def feature_context(net, features: torch.Tensor, ahead: torch.Tensor,
     return projected + net.ahead_proj(tau.unsqueeze(-1))
 
 
-class GuideNet(PyroModule):
+class GuideNet(LocalParamsModule):
     """Combiner-style guide (after Krishnan et al.'s deep Markov model), with time inputs.
 
     ``T`` (tokens still ahead in the window) enters as ``log(1 + T) / log(1 + max_window)``;
@@ -56,12 +57,10 @@ class GuideNet(PyroModule):
         self.state_skip = nn.Linear(d, d, bias=False)
         nn.init.zeros_(self.state_skip.weight)
         self.min_scale = config.min_scale
-        self.flows = nn.ModuleList(
+        add_couplings(self, "flows", (
             T.conditional_affine_coupling(d, context_dim=h, hidden_dims=[h])
             for _ in range(config.flow_layers if config.guide == "flow" else 0)
-        )
-        for i in range(len(self.flows)):
-            self.register_buffer(f"perm_{i}", torch.randperm(d))
+        ), d)
 
     def context(
         self, features: torch.Tensor, ahead: torch.Tensor, source: torch.Tensor | None = None
@@ -111,7 +110,4 @@ class GuideNet(PyroModule):
 
     def flow_transforms(self, combined: torch.Tensor) -> list:
         """Coupling transforms conditioned on the combiner output (empty for a Gaussian guide)."""
-        transforms = []
-        for i, coupling in enumerate(self.flows):
-            transforms += [coupling.condition(combined), T.Permute(getattr(self, f"perm_{i}"))]
-        return transforms
+        return coupling_transforms(self, self.flows, combined)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vmt.inference.kalman import LinearGaussianSSM
 from vmt.models.config import VMTConfig
+from vmt.models.lgssm import LinearGaussianSSM
 from vmt.models.vmt import VariationalMarkovTransformer
 
 

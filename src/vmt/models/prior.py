@@ -7,12 +7,15 @@ import math
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import constraints
 
+from vmt.models.flows import add_couplings, coupling_transforms
+from vmt.models.pyro_module import LocalParamsModule
 
-class MixturePrior(PyroModule):
+
+class MixturePrior(LocalParamsModule):
     """Mixture of ``components`` diagonal Gaussians over ``(state,)``; exact log-density."""
 
     def __init__(self, state_dim: int, components: int = 4, spread: float = 1.0):
@@ -29,7 +32,7 @@ class MixturePrior(PyroModule):
         return dist.MixtureSameFamily(mix, comp)
 
 
-class FlowPrior(PyroModule):
+class FlowPrior(LocalParamsModule):
     """Standard normal pushed through affine-coupling layers with permutations."""
 
     def __init__(self, state_dim: int, layers: int = 2, hidden: int = 64):
@@ -38,22 +41,20 @@ class FlowPrior(PyroModule):
             raise ValueError(f"a flow prior needs at least one coupling layer, got {layers}")
         self.state_dim = state_dim
         self.register_buffer("origin", torch.zeros(state_dim))
-        self.couplings = nn.ModuleList(
+        add_couplings(self, "couplings", (
             T.affine_coupling(state_dim, hidden_dims=[hidden, hidden]) for _ in range(layers)
-        )
-        perms = [torch.randperm(state_dim) for _ in range(layers)]
-        for i, perm in enumerate(perms):
-            self.register_buffer(f"perm_{i}", perm)
+        ), state_dim)
 
     def distribution(self) -> dist.TorchDistribution:
+        """The prior, event shape ``(state,)``."""
         base = dist.Normal(self.origin, torch.ones_like(self.origin)).to_event(1)
-        transforms = []
-        for i, coupling in enumerate(self.couplings):
-            transforms += [coupling, T.Permute(getattr(self, f"perm_{i}"))]
-        return dist.TransformedDistribution(base, transforms)
+        return dist.TransformedDistribution(base, coupling_transforms(self, self.couplings))
 
 
 def build_prior(kind: str, state_dim: int, components: int, layers: int, hidden: int):
+    """The prior ``kind`` names: ``"mixture"`` or ``"flow"`` (``ValueError`` otherwise)."""
     if kind == "mixture":
         return MixturePrior(state_dim, components)
-    return FlowPrior(state_dim, layers, hidden)
+    if kind == "flow":
+        return FlowPrior(state_dim, layers, hidden)
+    raise ValueError(f"unknown prior kind {kind!r}; known: ['flow', 'mixture']")

@@ -39,7 +39,6 @@ from contextlib import contextmanager, nullcontext
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
@@ -47,9 +46,10 @@ from torch.nn import functional as F
 from vmt.models.config import VMTConfig
 from vmt.models.guide import feature_context
 from vmt.models.prior import MixturePrior
+from vmt.models.pyro_module import LocalParamsModule
 
 
-class TokenMixture(PyroModule):
+class TokenMixture(LocalParamsModule):
     """The parts the token family shares: embeddings ``e``, next-token head ``pi``, noise ``s``.
 
     Args:
@@ -218,7 +218,7 @@ class _TokenStep(TorchDistribution):
             return torch.cat([m, self.mixture.sample_slot(m)], dim=-1)
 
 
-class TokenTransition(PyroModule):
+class TokenTransition(LocalParamsModule):
     """``p(x_{k+1} | x_k)``: a GRU-cell memory step, then the token-slot mixture.
 
     ``memory_params(x) -> (loc, scale)``, each ``(..., M)``: the memory step's Gaussian.
@@ -268,7 +268,7 @@ class _TokenPriorDistribution(TorchDistribution):
             return torch.cat([m, self.mixture.sample_slot(m)], dim=-1)
 
 
-class TokenPrior(PyroModule):
+class TokenPrior(LocalParamsModule):
     """``p(x)``: a Gaussian-mixture memory, then the token-slot mixture."""
 
     def __init__(self, mixture: TokenMixture, components: int):
@@ -280,7 +280,7 @@ class TokenPrior(PyroModule):
         return _TokenPriorDistribution(self._shared.module, self.memory.distribution())
 
 
-class TokenEmission(PyroModule):
+class TokenEmission(LocalParamsModule):
     """``p(y | x)``: the responsibility of each token's component for the slot ``u``."""
 
     def __init__(self, mixture: TokenMixture):
@@ -312,7 +312,7 @@ class TokenEmission(PyroModule):
         return picked - scores["slot"]
 
 
-class TokenGuideNet(PyroModule):
+class TokenGuideNet(LocalParamsModule):
     """Guide of the token family: the slot from the token read, the memory from the model's
     own step corrected by the features.
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
+from vmt.models.flows import add_couplings, coupling_transforms
+from vmt.models.pyro_module import LocalParamsModule
 
-class GatedTransition(PyroModule):
+
+class GatedTransition(LocalParamsModule):
     """Gated MLP Gaussian transition of deep Markov models (Krishnan et al., 2017).
 
     ``loc = (1 - g) * (A x + b) + g * m(x)``, ``scale = softplus(W relu(m(x)))``, where
@@ -48,7 +51,7 @@ class GatedTransition(PyroModule):
         return dist.Normal(loc, scale).to_event(1)
 
 
-class LinearGaussianTransition(PyroModule):
+class LinearGaussianTransition(LocalParamsModule):
     """``x' = A x + b + eps``, ``eps ~ N(0, diag(scale^2))``: a linear-Gaussian state-space step."""
 
     def __init__(self, state_dim: int, min_scale: float = 1e-3):
@@ -67,7 +70,7 @@ class LinearGaussianTransition(PyroModule):
         return dist.Normal(loc, scale).to_event(1)
 
 
-class FlowTransition(PyroModule):
+class FlowTransition(LocalParamsModule):
     """A gated Gaussian step followed by affine couplings conditioned on the previous state."""
 
     def __init__(self, state_dim: int, hidden: int, layers: int = 2, min_scale: float = 1e-3):
@@ -75,24 +78,24 @@ class FlowTransition(PyroModule):
         if layers < 1:
             raise ValueError(f"a flow transition needs at least one coupling layer, got {layers}")
         self.base = GatedTransition(state_dim, hidden, min_scale)
-        self.couplings = nn.ModuleList(
+        add_couplings(self, "couplings", (
             T.conditional_affine_coupling(state_dim, context_dim=state_dim, hidden_dims=[hidden])
             for _ in range(layers)
-        )
-        for i in range(layers):
-            self.register_buffer(f"perm_{i}", torch.randperm(state_dim))
+        ), state_dim)
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``p(x_{k+1} | x_k = x)`` for ``x (..., state)``: event shape ``(state,)``."""
         base = self.base.distribution(x)
-        transforms = []
-        for i, coupling in enumerate(self.couplings):
-            transforms += [coupling.condition(x), T.Permute(getattr(self, f"perm_{i}"))]
-        return dist.TransformedDistribution(base, transforms)
+        return dist.TransformedDistribution(base, coupling_transforms(self, self.couplings, x))
 
 
 def build_transition(kind: str, state_dim: int, hidden: int, layers: int, min_scale: float):
+    """The transition ``kind`` names: ``"gated"``, ``"linear"`` or ``"flow"`` (``ValueError``
+    otherwise)."""
     if kind == "gated":
         return GatedTransition(state_dim, hidden, min_scale)
     if kind == "linear":
         return LinearGaussianTransition(state_dim, min_scale)
-    return FlowTransition(state_dim, hidden, layers, min_scale)
+    if kind == "flow":
+        return FlowTransition(state_dim, hidden, layers, min_scale)
+    raise ValueError(f"unknown transition kind {kind!r}; known: ['flow', 'gated', 'linear']")

@@ -24,7 +24,6 @@ from typing import Literal
 import pyro
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
 from torch import nn
 
 from vmt.models.batch import ChainBatch
@@ -33,6 +32,7 @@ from vmt.models.config import VMTConfig
 from vmt.models.emission import build_emission
 from vmt.models.guide import GuideNet
 from vmt.models.prior import build_prior
+from vmt.models.pyro_module import LocalParamsModule
 from vmt.models.tokens import (
     TokenEmission,
     TokenGuideNet,
@@ -45,7 +45,7 @@ from vmt.models.transition import build_transition
 Direction = Literal["forward", "reverse"]
 
 
-class VariationalMarkovTransformer(PyroModule):
+class VariationalMarkovTransformer(LocalParamsModule):
     """A VMT.
 
     Args:
@@ -54,7 +54,7 @@ class VariationalMarkovTransformer(PyroModule):
             ``(source, time, feature)`` guide features (e.g. a GRU reverse reader). Without it,
             batches must carry precomputed ``features`` (e.g. from a frozen-LM cache).
         reader_spec: alternatively, a JSON spec of the reader
-            (:func:`vmt.models.readers.build_reader`); it is saved in checkpoints, so a
+            (:func:`vmt.models.reader_spec.build_reader`); it is saved in checkpoints, so a
             model with a spec'd reader can be rebuilt from its checkpoint alone.
     """
 
@@ -63,7 +63,7 @@ class VariationalMarkovTransformer(PyroModule):
     ):
         super().__init__()
         if reader is None and reader_spec is not None:
-            from vmt.models.readers import build_reader
+            from vmt.models.reader_spec import build_reader
 
             reader = build_reader(reader_spec)
         self.reader_spec = reader_spec

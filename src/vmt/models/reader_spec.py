@@ -1,4 +1,9 @@
-"""Trainable readers a VMT can own, rebuilt from a JSON spec ``{"kind": ..., "kwargs": {...}}``."""
+"""The reader a VMT owns, as a JSON spec ``{"kind": ..., "kwargs": {...}}`` and back.
+
+A checkpoint stores the spec; :func:`build_reader` rebuilds the network from it. The small
+reader networks themselves live in :mod:`vmt.encoders.small_readers`; the folded one
+(:class:`FoldedReader`) wraps :class:`vmt.nn.folded.FoldedTransformer`.
+"""
 
 from __future__ import annotations
 
@@ -28,15 +33,19 @@ class FoldedReader(nn.Module):
 def build_reader(spec: dict) -> nn.Module:
     """Build the reader a checkpoint or a run configuration names.
 
-    Kinds: ``"gru"`` (:class:`vmt.encoders.readers.GRUReader`), ``"transformer"``
-    (:class:`vmt.encoders.readers.TransformerReader`), ``"folded"`` (:class:`FoldedReader`).
+    Kinds: ``"gru"`` (:class:`vmt.encoders.small_readers.GRUReader`), ``"transformer"``
+    (:class:`vmt.encoders.small_readers.TransformerReader`), ``"folded"`` (:class:`FoldedReader`).
     """
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ValueError(f"a reader spec is a dict with a 'kind', got {spec!r}")
     kind, kwargs = spec["kind"], dict(spec.get("kwargs", {}))
-    from vmt.encoders import readers
+    from vmt.encoders import small_readers
 
-    table = {"gru": readers.GRUReader, "transformer": readers.TransformerReader, "folded": FoldedReader}
+    table = {
+        "gru": small_readers.GRUReader,
+        "transformer": small_readers.TransformerReader,
+        "folded": FoldedReader,
+    }
     if kind not in table:
         raise ValueError(f"unknown reader kind {kind!r}; known: {sorted(table)}")
     return table[kind](**kwargs)

@@ -1,0 +1,67 @@
+"""What a part of a VMT must provide: ``typing.Protocol``s for prior, transition, emission
+and reader.
+
+Code that needs a capability checks for the protocol (``isinstance(t, GaussianTransition)``)
+instead of probing attribute names; every part in :mod:`vmt.models` satisfies its protocol
+(``tests/models/test_parts.py``). Shapes: ``x (..., state)``, observations ``(...)`` token ids
+or ``(..., obs)``, reader inputs right-padded ``(batch, time)`` or ``(batch, time, obs)``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch.distributions import Distribution
+
+__all__ = ["Emission", "GaussianTransition", "Prior", "Reader", "Transition"]
+
+
+@runtime_checkable
+class Prior(Protocol):
+    """``p(x_1)``."""
+
+    def distribution(self) -> Distribution:
+        """The prior, event shape ``(state,)``."""
+        ...
+
+
+@runtime_checkable
+class Transition(Protocol):
+    """``p(x_{k+1} | x_k)`` (and, with the same classes, reverse transitions)."""
+
+    def distribution(self, x: torch.Tensor) -> Distribution:
+        """From ``x (..., state)``: batch shape ``(...)``, event shape ``(state,)``."""
+        ...
+
+
+@runtime_checkable
+class GaussianTransition(Transition, Protocol):
+    """A transition that is a diagonal Gaussian, whose moments code can use directly."""
+
+    def loc_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)``, each ``(..., state)``, of ``p(x_{k+1} | x_k = x)``."""
+        ...
+
+
+@runtime_checkable
+class Emission(Protocol):
+    """``p(y_k | x_k)``."""
+
+    def distribution(self, x: torch.Tensor) -> Distribution:
+        """From ``x (..., state)``: batch shape ``(...)``."""
+        ...
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``log p(y | x)``: ``(...)`` for ``x (..., state)`` and ``y`` ``(...)`` or ``(..., obs)``."""
+        ...
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """A trainable reader the guide owns: right-padded inputs and lengths in,
+    ``(batch, time, hidden_size)`` features out (zeros at padding)."""
+
+    hidden_size: int
+
+    def __call__(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...
