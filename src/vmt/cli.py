@@ -197,7 +197,8 @@ def _add_model_commands(sub) -> None:
     fit.add_argument("--schedule", default=DEMO_SCHEDULE, help="schedule name or JSON path")
     fit.add_argument("--text", nargs="+", metavar="FILE", help="train on these text files")
     fit.add_argument("--out", default="runs/fit", help="run folder (checkpoint, curve, results)")
-    fit.add_argument("--steps", type=int, help="override the number of SVI steps")
+    fit.add_argument("--steps", type=int, help="override the number of SVI steps (a learning-rate "
+                     "decay keeps its own length, the schedule's lr_decay_steps)")
     fit.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     fit.add_argument("--accept-schedule", action="store_true",
                      help="resume although the learning rate, clipping or annealing changed (the new values apply)")
