@@ -677,7 +677,12 @@ def plot_training_curve(history: list[dict], path: Path, test: EvalResult | None
 
 
 def set_threads() -> None:
-    """Use every core for intra-op parallelism (the default may be lower in some shells)."""
+    """Use every core for intra-op parallelism (the default may be lower in some shells),
+    unless ``OMP_NUM_THREADS`` asks for a number explicitly (e.g. on a shared machine)."""
     import os
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    asked = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if asked.isdigit() and int(asked) >= 1:
+        torch.set_num_threads(int(asked))
+    else:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
