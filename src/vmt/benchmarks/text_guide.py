@@ -135,8 +135,8 @@ def summarise(runs: dict, curves: dict, schedule, figure_dir: Path, quick: bool)
         "vocabulary; intervals are 95% percentile bootstraps over held-out documents (the same "
         "draws for every row, so the differences are paired). With `memory_guide=\"model\"` the "
         "reader informs only the first state of each document (the state is carried across "
-        "windows), so the rows of that guide differ by little more than their random streams; "
-        "with `\"features\"` the reader shifts every memory step."
+        "windows); with `\"features\"` the reader shifts every memory step. One training run (seed 0) "
+        "per row: the intervals cover the held-out documents, not the training randomness."
     )
     config = {"quick": quick, "steps": train.steps, "train_tokens": schedule.max_train_tokens,
               "test_tokens": int(first.tokens.sum()), "particles": particles, "preset": PRESET,
