@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vmt.models.guide import GuideNet
+from vmt.models.scan import AffineNormal
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,8 @@ class _DiagNormal:
 
 
 def _gaussian(net: GuideNet, loc, scale, combined):
+    if scale.dim() > loc.dim():  # a covariance factor (the full affine guide)
+        return AffineNormal(loc, scale, full=True)
     transforms = net.flow_transforms(combined)
     if not transforms:
         return _DiagNormal(loc, scale)

@@ -148,6 +148,9 @@ class GuideChain(_ChainDistribution):
     """
 
     has_rsample = True
+    use_lean_loop = True
+    """Class switch: ``False`` makes the Gaussian guide step with :meth:`rsample_stepwise` (for
+    benchmarks and tests of the lean loop)."""
 
     def __init__(self, net, context: torch.Tensor, batch: ChainBatch, batch_shape=None):
         super().__init__(batch, net.config.state_dim, batch_shape)
@@ -175,7 +178,7 @@ class GuideChain(_ChainDistribution):
         sample_path = getattr(self.net, "sample_path", None)
         if sample_path is not None:
             return sample_path(self, sample_shape)
-        if lean_loop_applies(self.net):
+        if self.use_lean_loop and lean_loop_applies(self.net):
             return lean_rsample(self, sample_shape)
         return self.rsample_stepwise(sample_shape)
 
