@@ -65,26 +65,35 @@ def _check_scan_inputs(matrix: torch.Tensor, offset: torch.Tensor) -> None:
 
 
 def _scan_time_first(matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The recursion on ``(time, ...)`` tensors (time first, so slicing it makes views).
+    """The recursion on ``(time, ...)`` tensors (time first), ``time`` even or odd.
 
     Pairs ``(2i, 2i+1)`` are composed into one map from ``x_{2i-1}`` to ``x_{2i+1}``; the
     half-length recursion gives the odd positions and one affine step each fills in the even
-    ones. ``time - 1`` compositions in all, ``2 log2(time)`` sequential levels.
+    ones. ``time - 1`` compositions in all, ``2 log2(time)`` sequential levels. Positions are
+    taken apart with ``split`` / ``unbind`` and put together with ``cat`` / ``stack`` (whose
+    backward passes copy, where strided slicing would zero-fill a whole tensor per slice).
     """
     n = offset.shape[0]
     if n == 1:
         return offset
-    m = n // 2
-    a_even, a_odd = matrix[0 : 2 * m : 2], matrix[1 : 2 * m : 2]
-    c_even, c_odd = offset[0 : 2 * m : 2], offset[1 : 2 * m : 2]
-    pair_matrix = a_odd @ a_even if a_odd.dim() > c_odd.dim() else a_odd * a_even
-    full = a_odd.dim() > c_odd.dim()
+    if n % 2:  # pad with the map x -> 0 (A = 0, c = 0); its output is dropped
+        matrix = torch.cat([matrix, matrix.new_zeros((1,) + matrix.shape[1:])])
+        offset = torch.cat([offset, offset.new_zeros((1,) + offset.shape[1:])])
+    m = matrix.shape[0] // 2
+    full = matrix.dim() > offset.dim()
+    a_even, a_odd = matrix.unflatten(0, (m, 2)).unbind(1)
+    c_even, c_odd = offset.unflatten(0, (m, 2)).unbind(1)
+    pair_matrix = a_odd @ a_even if full else a_odd * a_even
     pair_offset = apply_affine(a_odd, c_even, full) + c_odd
     x_odd = _scan_time_first(pair_matrix, pair_offset)  # positions 1, 3, ..., 2m - 1
-    later = matrix[2::2]  # positions 2, 4, ...: x_{2i} = A_{2i} x_{2i-1} + c_{2i}
-    x_even = torch.cat([offset[:1], apply_affine(later, x_odd[: later.shape[0]], full) + offset[2::2]])
-    woven = torch.stack([x_even[:m], x_odd], dim=1).reshape((2 * m,) + offset.shape[1:])
-    return woven if n == 2 * m else torch.cat([woven, x_even[m:]])
+    if m > 1:  # x_{2i} = A_{2i} x_{2i-1} + c_{2i} for i >= 1
+        c_first, c_later = c_even.split([1, m - 1])
+        x_later = apply_affine(a_even.split([1, m - 1])[1], x_odd.split([m - 1, 1])[0], full) + c_later
+        x_even = torch.cat([c_first, x_later])
+    else:
+        x_even = c_even
+    woven = torch.stack([x_even, x_odd], dim=1).flatten(0, 1)
+    return woven if n == 2 * m else woven.split([n, 1])[0]
 
 
 def affine_scan(matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -253,15 +262,18 @@ class AffineGuideNet(PyroModule):
         backward message, its dependence on the position (``T``) only through ``P``.
         """
         d, h = self.state_dim, self.hidden
-        raw = self.affine_head(skip_context[..., :h])
+        squashed, linear = skip_context.split([h, h], dim=-1)
+        raw = self.affine_head(squashed)
         k, m, s = raw.split([self.n_matrix, d, self.n_scale], dim=-1)
-        m = m + self.offset_skip(skip_context[..., h:])
+        m = m + self.offset_skip(linear)
         if self.full:
             natural = torch.cat([k.reshape(raw.shape[:-1] + (d, d)), m.unsqueeze(-1)], dim=-1)
             solved, tril = self._moments(natural, s)
-            return solved[..., :d], solved[..., d], tril
-        solved, scale = self._moments(torch.stack([k, m], dim=-1), s)
-        return solved[..., 0], solved[..., 1], scale
+            a, b = solved.split([d, 1], dim=-1)
+            return a, b.squeeze(-1), tril
+        scale = F.softplus(s) + self.min_scale  # as in _moments, without stacking k and m
+        variance = scale * scale
+        return variance * k, variance * m, scale
 
     def step_params(self, x_prev: torch.Tensor, skip_context: torch.Tensor, skip: int = 1):
         """``(loc, scale, combined)`` of one step from ``x_prev (..., state)``: ``loc = A x + b``
@@ -306,12 +318,20 @@ class AffineGuideNet(PyroModule):
                           device=bias.device).normal_()
         offset = bias + apply_affine(tril, eps, self.full)
         first, use_x0, before = self._selections(chain)
-        first_draw = chain.first_loc + apply_affine(chain.first_scale, eps, self.full)
+        starts = first.any(-1).any(0)  # positions where some row starts afresh
+        if bool(starts.all()):
+            first_draw = chain.first_loc + apply_affine(chain.first_scale, eps, self.full)
+        else:  # only the positions where rows start (typically position 0 alone)
+            where = starts.nonzero().squeeze(-1)
+            first_draw = offset.index_copy(-2, where, chain.first_loc.index_select(1, where)
+                                           + apply_affine(chain.first_scale.index_select(1, where),
+                                                          eps.index_select(-2, where), self.full))
         offset = torch.where(first, first_draw, offset)
         if b.x0 is not None:
             from_x0 = apply_affine(a, b.x0[:, None, :].to(bias.dtype), self.full) + offset
             offset = torch.where(use_x0, from_x0, offset)
-        offset = torch.where(before, torch.zeros_like(offset), offset)
+        if bool(before.any()):
+            offset = torch.where(before, torch.zeros_like(offset), offset)
         # rows restart at their first position: cut the dependence on what precedes it
         cut = first | use_x0 | before
         cut = cut.unsqueeze(-1) if self.full else cut
