@@ -409,7 +409,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     if quick:
         lengths, repeats = [64, 256], [3, 3]
     else:
-        lengths, repeats = [64, 256, 1024, 4096], [9, 7, 5, 2]
+        lengths, repeats = [64, 256, 1024, 4096], [7, 5, 3, 1]
     results = measure(lengths, repeats, setup)
     figure = plot(results, Path(figure_dir) / "svi_speed.png")
     config = asdict(setup) | {"lengths": lengths, "repeats": repeats, "quick": quick,
