@@ -166,9 +166,10 @@ class AffineGuideNet(PyroModule):
     features alone (a structured inference network linear in the state).
 
     The feature side is :class:`~vmt.models.guide.GuideNet`'s: ``c = W_h h + w_T tau(T) +
-    w_t s(t)``, then one linear head of ``tanh(c)`` gives ``A`` (``state`` or ``state^2``
-    numbers), ``b`` and ``L`` (``state`` or ``state (state + 1) / 2``), and ``b`` gets a linear
-    path from ``c``. ``A`` and that path start at zero (no dependence on the previous state),
+    w_t s(t)``, then one linear head of ``tanh(c)`` gives, in information form (see
+    :meth:`affine_params`), a coupling ``K`` (``state`` or ``state^2`` numbers), a shift ``m``
+    (with a linear path from ``c``) and a precision factor (``state`` or ``state (state + 1) /
+    2`` numbers). ``K`` and the linear path start at zero (no dependence on the previous state),
     like the gated guide's linear skip.
     """
 
