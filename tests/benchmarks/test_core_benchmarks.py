@@ -21,15 +21,17 @@ def test_svi_speed_measures_ratios_and_equal_losses(tmp_path):
     results = svi_speed.measure([8], 1, TINY_SVI)
     assert torch.get_num_threads() == threads  # the measurement restores the thread count
     metrics = svi_speed.metrics_of(results)
-    for name in ("speedup_L8", "guide_loop_share_L8", "lean_loop_share_L8",
-                 "speedup_bound_guide_loop_only_L8", "speedup_estimate_lean_loop_L8",
-                 "max_rel_loss_diff_L8",
-                 "max_rel_grad_diff_L8", "max_rel_loss_diff"):
+    for name in ("speedup_L8", "speedup_stepwise_L8", "speedup_scan_L8", "guide_loop_share_L8",
+                 "lean_loop_share_L8", "scan_share_L8", "speedup_bound_guide_loop_only_L8",
+                 "max_rel_loss_diff_L8", "max_rel_grad_diff_L8", "scan_rel_loss_diff_L8",
+                 "scan_rel_grad_diff_L8", "max_rel_loss_diff"):
         assert name in metrics and math.isfinite(metrics[name]), name
     assert metrics["speedup_L8"] > 0 and metrics["guide_loop_share_L8"] > 0
-    # float64, identical draws: only summation order differs (observed ~1e-15)
+    # float64, identical draws (or the same path): only summation order differs (observed ~1e-15)
     assert metrics["max_rel_loss_diff_L8"] < 1e-10
     assert metrics["max_rel_grad_diff_L8"] < 1e-8
+    assert metrics["scan_rel_loss_diff_L8"] < 1e-10
+    assert metrics["scan_rel_grad_diff_L8"] < 1e-8
     figure = svi_speed.plot(results, tmp_path / "svi.png")
     assert figure.stat().st_size > 0
     assert "figures/svi.png" in svi_speed._markdown(results, TINY_SVI, "figures/svi.png")

@@ -61,3 +61,42 @@ def kalman_smoother(ssm: LinearGaussianSSM, y: torch.Tensor) -> SmootherResult:
         s_means.insert(0, m)
         s_covs.insert(0, c)
     return SmootherResult(loglik, torch.stack(s_means, 1), torch.stack(s_covs, 1))
+
+
+@dataclass
+class BackwardInformation:
+    """``p(y_{k:n} | x_k) ∝ exp(-x_k^T J_k x_k / 2 + eta_k^T x_k)`` for every ``k``.
+
+    Attributes:
+        precision: ``(time, state, state)`` the ``J_k`` (they do not depend on ``y``).
+        shift: ``(batch, time, state)`` the ``eta_k`` (linear in ``y_{k:n}``).
+    """
+
+    precision: torch.Tensor
+    shift: torch.Tensor
+
+
+def backward_information(ssm: LinearGaussianSSM, y: torch.Tensor) -> BackwardInformation:
+    """The backward information filter of ``y (batch, time, obs)``.
+
+    ``eta_k`` summarises ``y_k .. y_n`` exactly (what a reversed reader should compute), and
+    the smoothing posterior's conditionals follow from it:
+    ``p(x_k | x_{k-1}, y_{k:n}) ∝ N(x_k; A x_{k-1} + b, Q) exp(-x_k^T J_k x_k / 2 + eta_k^T x_k)``.
+    """
+    if y.dim() != 3 or y.shape[-1] != ssm.C.shape[0]:
+        raise ValueError(f"y must be (batch, time, {ssm.C.shape[0]}), got {tuple(y.shape)}")
+    r_inv = torch.linalg.inv(ssm.R)
+    q_inv = torch.linalg.inv(ssm.Q)
+    obs_j = ssm.C.T @ r_inv @ ssm.C
+    obs_eta = (y - ssm.d) @ (r_inv @ ssm.C)  # (batch, time, state)
+    precisions, shifts = [obs_j], [obs_eta[:, -1]]
+    for k in range(y.shape[1] - 2, -1, -1):
+        j_next, eta_next = precisions[0], shifts[0]
+        m = torch.linalg.inv(q_inv + j_next)
+        qa = q_inv @ ssm.A
+        j = obs_j + ssm.A.T @ q_inv @ ssm.A - qa.T @ m @ qa
+        eta = obs_eta[:, k] + (eta_next + q_inv @ ssm.b) @ m @ qa - ssm.b @ qa
+        precisions.insert(0, j)
+        shifts.insert(0, eta)
+    return BackwardInformation(torch.stack(precisions), torch.stack(shifts, 1))
+

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from vmt.models.guide import GuideNet
 from vmt.models.parts import GaussianTransition
+from vmt.models.scan import AffineNormal
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,8 @@ class _DiagNormal:
 
 
 def _gaussian(net: GuideNet, loc, scale, combined):
+    if scale.dim() > loc.dim():  # a covariance factor (the full affine guide)
+        return AffineNormal(loc, scale, full=True)
     transforms = net.flow_transforms(combined)
     if not transforms:
         return _DiagNormal(loc, scale)

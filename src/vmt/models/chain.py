@@ -27,6 +27,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 
 from vmt.models.batch import ChainBatch
+from vmt.models.lean_loop import lean_loop_applies, lean_rsample
 
 
 def previous_states(x: torch.Tensor, batch: ChainBatch) -> torch.Tensor:
@@ -147,6 +148,9 @@ class GuideChain(_ChainDistribution):
     """
 
     has_rsample = True
+    use_lean_loop = True
+    """Class switch: ``False`` makes the Gaussian guide step with :meth:`rsample_stepwise` (for
+    benchmarks and tests of the lean loop)."""
 
     def __init__(self, net, context: torch.Tensor, batch: ChainBatch, batch_shape=None):
         super().__init__(batch, net.config.state_dim, batch_shape)
@@ -156,13 +160,31 @@ class GuideChain(_ChainDistribution):
         self.step_context = net.skip_context(context, 1)
 
     def _distribution(self, loc, scale, combined) -> dist.TorchDistribution:
+        if scale.dim() > loc.dim():  # a Cholesky factor (the full affine guide)
+            return dist.MultivariateNormal(loc, scale_tril=scale)
         base = dist.Normal(loc, scale).to_event(1)
         transforms = self.net.flow_transforms(combined)
         return dist.TransformedDistribution(base, transforms) if transforms else base
 
     def rsample(self, sample_shape=torch.Size()):
-        """Sample paths ``sample_shape + batch_shape + (time, state)`` step by step; only the
-        ``x``-dependent work is in the loop.
+        """Sample paths ``sample_shape + batch_shape + (time, state)``.
+
+        A guide network with a ``sample_path(chain, sample_shape)`` method samples the whole
+        path itself (the affine guide's parallel scan, :mod:`vmt.models.scan`); the Gaussian
+        :class:`~vmt.models.guide.GuideNet` takes the lean loop of
+        :mod:`vmt.models.lean_loop` (same values and gradients as :meth:`rsample_stepwise`);
+        every other guide steps with :meth:`rsample_stepwise`.
+        """
+        sample_path = getattr(self.net, "sample_path", None)
+        if sample_path is not None:
+            return sample_path(self, sample_shape)
+        if self.use_lean_loop and lean_loop_applies(self.net):
+            return lean_rsample(self, sample_shape)
+        return self.rsample_stepwise(sample_shape)
+
+    def rsample_stepwise(self, sample_shape=torch.Size()):
+        """Sample paths ``sample_shape + batch_shape + (time, state)`` step by step with the
+        guide network's ``step_params``; only the ``x``-dependent work is in the loop.
 
         The time axis of every precomputed tensor is unbound once (indexing ``[:, k]`` inside
         the loop would make each backward step write a gradient over the whole time axis),
@@ -204,6 +226,9 @@ class GuideChain(_ChainDistribution):
     def position_distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """The guide's conditional at every position given the path ``x (..., batch, time, state)``:
         batch shape ``(..., batch, time)``."""
+        path_distribution = getattr(self.net, "path_distribution", None)
+        if path_distribution is not None:
+            return path_distribution(self, x)
         b = self.chain_batch
         first = (b.first_mask() & ~b.carried_rows()[:, None]).unsqueeze(-1)
         loc, scale, combined = self.net.step_params(previous_states(x, b), self.step_context)

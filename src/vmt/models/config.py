@@ -12,7 +12,7 @@ from vmt.config_fields import config_from_dict
 PriorKind = Literal["mixture", "flow", "token"]
 TransitionKind = Literal["gated", "linear", "flow", "token"]
 EmissionKind = Literal["categorical", "bernoulli", "gaussian", "token"]
-GuideKind = Literal["gaussian", "flow", "token"]
+GuideKind = Literal["gaussian", "flow", "token", "affine"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,12 @@ class VMTConfig:
             (linear-Gaussian, for exact oracles) or ``"flow"`` (gated Gaussian followed by a
             conditional affine-coupling flow).
         transition_hidden: hidden width of the transition networks.
-        guide: ``"gaussian"`` or ``"flow"`` (Gaussian followed by a conditional flow).
+        guide: ``"gaussian"`` (gated combiner), ``"flow"`` (Gaussian followed by a
+            conditional flow) or ``"affine"`` (Gaussian with a mean affine in the previous
+            state, sampled by a parallel scan: :mod:`vmt.models.scan`).
+        affine_structure: the affine guide's matrix and noise: ``"diagonal"`` (elementwise
+            scan) or ``"full"`` (a ``state x state`` matrix and a full covariance; contains
+            the exact posterior of a linear-Gaussian model, costs ``O(state^3)`` per position).
         guide_hidden: hidden width of the guide's combiner.
         max_window: the largest number of tokens ahead ``T`` the guide is told about; used
             to scale its time inputs.
@@ -67,6 +72,7 @@ class VMTConfig:
     transition_hidden: int = 64
     guide: GuideKind = "gaussian"
     guide_hidden: int = 64
+    affine_structure: Literal["diagonal", "full"] = "diagonal"
     max_window: int = 1024
     max_skip: int = 16
     flow_layers: int = 2
@@ -91,7 +97,7 @@ class VMTConfig:
             "emission": ("categorical", "bernoulli", "gaussian", "token"),
             "prior": ("mixture", "flow", "token"),
             "transition": ("gated", "linear", "flow", "token"),
-            "guide": ("gaussian", "flow", "token"),
+            "guide": ("gaussian", "flow", "token", "affine"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -111,6 +117,10 @@ class VMTConfig:
             raise ValueError(f"token_basis_dim must be an integer >= 0, got {self.token_basis_dim!r}")
         if isinstance(self.head_dropout, bool) or not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout must lie in [0, 1), got {self.head_dropout!r}")
+        if self.affine_structure not in ("diagonal", "full"):
+            raise ValueError(
+                f"affine_structure must be 'diagonal' or 'full', got {self.affine_structure!r}"
+            )
         if self.memory_guide not in ("model", "features"):
             raise ValueError(f"memory_guide must be 'model' or 'features', got {self.memory_guide!r}")
         if not (self.slot_scale > 0 and self.memory_scale > 0):

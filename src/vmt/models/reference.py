@@ -51,7 +51,10 @@ def reference_guide(vmt, batch: ChainBatch, direction: str = "forward") -> None:
             else:
                 prev = batch.x0 if k == 0 else x_prev
                 loc, scale, combined = net.step_params(prev, net.skip_context(context[:, k], 1))
-            fn = dist.Normal(loc, scale).to_event(1)
+            if scale.dim() > loc.dim():  # a covariance factor (the full affine guide)
+                fn = dist.MultivariateNormal(loc, scale_tril=scale)
+            else:
+                fn = dist.Normal(loc, scale).to_event(1)
             transforms = net.flow_transforms(combined)
             if transforms:
                 fn = dist.TransformedDistribution(fn, transforms)

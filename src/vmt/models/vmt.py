@@ -33,6 +33,7 @@ from vmt.models.emission import build_emission
 from vmt.models.guide import GuideNet
 from vmt.models.prior import build_prior
 from vmt.models.pyro_module import LocalParamsModule
+from vmt.models.scan import AffineGuideNet
 from vmt.models.tokens import (
     TokenEmission,
     TokenGuideNet,
@@ -78,12 +79,13 @@ class VariationalMarkovTransformer(LocalParamsModule):
             c.transition, c.state_dim, c.transition_hidden, c.flow_layers, c.min_scale
         )
         self.emission = build_emission(c.emission, c.state_dim, c.obs_dim, c.emission_hidden)
-        self.guide_net = GuideNet(c)
+        guide_cls = AffineGuideNet if c.guide == "affine" else GuideNet
+        self.guide_net = guide_cls(c)
         if c.reverse:
             self.reverse_transition = build_transition(
                 c.transition, c.state_dim, c.transition_hidden, c.flow_layers, c.min_scale
             )
-            self.reverse_guide_net = GuideNet(c)
+            self.reverse_guide_net = guide_cls(c)
 
     def _build_token_family(self, c: VMTConfig) -> None:
         """Prior, transitions, emission and guides sharing one :class:`TokenMixture`."""
