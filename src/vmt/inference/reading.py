@@ -173,6 +173,8 @@ class _DiagNormal:
 
 
 def _gaussian(net: GuideNet, loc, scale, combined):
+    if getattr(net, "tril_head", None) is not None:
+        return net.distribution(loc, scale, combined)
     transforms = net.flow_transforms(combined)
     if not transforms:
         return _DiagNormal(loc, scale)

@@ -10,7 +10,7 @@ from typing import Literal
 PriorKind = Literal["mixture", "flow", "token"]
 TransitionKind = Literal["gated", "linear", "flow", "token"]
 EmissionKind = Literal["categorical", "bernoulli", "gaussian", "token"]
-GuideKind = Literal["gaussian", "flow", "token"]
+GuideKind = Literal["gaussian", "full", "flow", "token"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,10 @@ class VMTConfig:
             (linear-Gaussian, for exact oracles) or ``"flow"`` (gated Gaussian followed by a
             conditional affine-coupling flow).
         transition_hidden: hidden width of the transition networks.
-        guide: ``"gaussian"`` or ``"flow"`` (Gaussian followed by a conditional flow).
+        guide: ``"gaussian"`` (diagonal), ``"full"`` (a full-covariance Gaussian step: a
+            lower-triangular scale whose off-diagonal part the combiner outputs, so the guide
+            can represent correlations between state dimensions given the previous state) or
+            ``"flow"`` (diagonal Gaussian followed by a conditional flow).
         guide_hidden: hidden width of the guide's combiner.
         max_window: the largest number of tokens ahead ``T`` the guide is told about; used
             to scale its time inputs.
@@ -85,7 +88,7 @@ class VMTConfig:
             "emission": ("categorical", "bernoulli", "gaussian", "token"),
             "prior": ("mixture", "flow", "token"),
             "transition": ("gated", "linear", "flow", "token"),
-            "guide": ("gaussian", "flow", "token"),
+            "guide": ("gaussian", "full", "flow", "token"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -24,17 +24,21 @@ def linear_gaussian_vmt(
     guide_hidden: int = 32,
     max_window: int = 64,
     freeze_generative: bool = True,
+    guide: str = "gaussian",
+    flow_layers: int = 2,
 ) -> VariationalMarkovTransformer:
     """A VMT whose generative model *is* ``ssm`` (diagonal ``P0``, ``Q``, ``R``).
 
     ``log p(y)`` is then exact by :func:`vmt.inference.kalman.kalman_smoother`, so the gap to
     the ELBO measures the guide alone. With ``freeze_generative`` only the guide and reader
-    train.
+    train. ``guide`` is the guide family (``"gaussian"``, ``"full"`` or ``"flow"`` with
+    ``flow_layers`` couplings, see :class:`~vmt.models.config.VMTConfig`).
     """
     state, obs = ssm.A.shape[0], ssm.C.shape[0]
     config = VMTConfig(
         state_dim=state, obs_dim=obs, feature_dim=feature_dim, emission="gaussian",
         transition="linear", prior_components=1, guide_hidden=guide_hidden, max_window=max_window,
+        guide=guide, flow_layers=flow_layers,
     )
     vmt = VariationalMarkovTransformer(config, reader=reader)
     dtype = vmt.prior.loc.dtype

@@ -51,10 +51,13 @@ def reference_guide(vmt, batch: ChainBatch, direction: str = "forward") -> None:
             else:
                 prev = batch.x0 if k == 0 else x_prev
                 loc, scale, combined = net.step_params(prev, net.skip_context(context[:, k], 1))
-            fn = dist.Normal(loc, scale).to_event(1)
-            transforms = net.flow_transforms(combined)
-            if transforms:
-                fn = dist.TransformedDistribution(fn, transforms)
+            if hasattr(net, "distribution"):
+                fn = net.distribution(loc, scale, combined)
+            else:
+                fn = dist.Normal(loc, scale).to_event(1)
+                transforms = net.flow_transforms(combined)
+                if transforms:
+                    fn = dist.TransformedDistribution(fn, transforms)
             x_prev = pyro.sample(f"x_{k}", fn.mask(mask[:, k]))
 
 
