@@ -11,7 +11,8 @@
 * ``regime="windows"``: batched truncated BPTT over whole documents with carried states;
   loss = ``-ELBO/tokens + w * (L_init + L_prior + L_skip)``.
 
-Both: KL annealing (a factor passed to the loss, rising linearly), gradient clipping,
+Both: KL annealing (a factor passed to the loss, rising linearly), an optional cosine
+learning-rate decay (``lr_decay_steps``), gradient clipping,
 checkpoints (crash-safe, see :mod:`vmt.checkpoint`; every ``checkpoint_every`` steps, at the
 end, and on Ctrl-C or SIGTERM, after which the run stops), resume (the same loss curve
 continues: model, optimiser, RNG and carried states are restored; a checkpoint written for
@@ -81,6 +82,8 @@ class TrainConfig:
     max_skip: int = 8
     annealing_start: float = 1.0
     annealing_steps: int = 0
+    lr_decay_steps: int = 0
+    lr_final_fraction: float = 0.1
     distill_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
@@ -116,6 +119,10 @@ class TrainConfig:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if self.distill_weight > 0 and self.regime != "windows":
             raise ValueError("distillation (distill_weight > 0) needs regime 'windows'")
+        if self.lr_decay_steps < 0:
+            raise ValueError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
+        if not 0 < self.lr_final_fraction <= 1:
+            raise ValueError(f"lr_final_fraction must lie in (0, 1], got {self.lr_final_fraction}")
         if not 0 < self.annealing_start <= 1:
             raise ValueError(f"annealing_start must lie in (0, 1], got {self.annealing_start}")
         for name in ("steps", "batch_size", "window", "budget", "checkpoint_every", "log_every"):
@@ -128,6 +135,17 @@ class TrainConfig:
         if self.annealing_steps <= 0:
             return 1.0
         return min(1.0, self.annealing_start + (1 - self.annealing_start) * step / self.annealing_steps)
+
+    def learning_rate_at(self, step: int) -> float:
+        """Learning rate of optimiser step ``step + 1``: constant without ``lr_decay_steps``,
+        else a cosine from ``learning_rate`` down to ``learning_rate * lr_final_fraction`` over
+        ``lr_decay_steps`` steps, then flat (it depends on the step alone, not on ``steps``, so
+        a run can be extended or stopped early on the same schedule)."""
+        if self.lr_decay_steps <= 0:
+            return self.learning_rate
+        done = min(1.0, step / self.lr_decay_steps)
+        low = self.lr_final_fraction
+        return self.learning_rate * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * done)))
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -350,6 +368,9 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}")
         self.optimizer.zero_grad()
         loss.backward()
+        if c.lr_decay_steps > 0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = c.learning_rate_at(self.step)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, c.clip_norm if c.clip_norm is not None else math.inf)
         if not math.isfinite(float(norm)):
