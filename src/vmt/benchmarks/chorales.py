@@ -102,7 +102,7 @@ def _run_seed(preset, schedule, splits, label: str, seed: int, root: Path, data_
     if done.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(settings)):
         return json.loads(done.read_text())
     if reuse_only:
-        return None
+        return _unfinished(out, stamp, settings, preset)
     if callable(splits):
         splits = splits()
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +112,27 @@ def _run_seed(preset, schedule, splits, label: str, seed: int, root: Path, data_
     if result.test is None:
         raise RuntimeError(f"the {label} run of seed {seed} stopped before any validation ({result.stopped})")
     return result.to_dict()
+
+
+def _unfinished(out: Path, stamp: Path, settings: dict, preset) -> dict | None:
+    """What an unfinished run of the same settings measured so far (its validation curve), or None."""
+    progress = out / "progress.json"
+    if not (progress.is_file() and stamp.is_file()
+            and json.loads(stamp.read_text()) == json.loads(json.dumps(settings))):
+        return None
+    data = json.loads(progress.read_text())
+    if not data.get("curve"):
+        return None
+    best = data["best"]
+    return {"steps": data["step"], "cpu_seconds": data["cpu_seconds"], "best_step": best["step"],
+            "curve": data["curve"], "stopped": "unfinished", "valid": {"neg_elbo": best["valid_neg_elbo"]},
+            "test": None, "iwae": None,
+            "parameters": sum(p.numel() for p in preset.build().parameters())}
+
+
+def _offset(results: list[dict]) -> str:
+    done = [r["test"]["neg_elbo"] - r["valid"]["neg_elbo"] for r in results if r["test"] is not None]
+    return f"{statistics.mean(done):+.2f}" if done else "(no test yet)"
 
 
 def _spread(values: list[float]) -> str:
@@ -154,7 +175,6 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
     runs: dict[str, list[dict]] = {label: [] for label in datasets}
     missing = []
     reuse_only = os.environ.get("VMT_CHORALES_REUSE_ONLY", "") not in ("", "0")
-    # seed 0 of every dataset first, then the other seeds, so a cut-short session has both
     # every JSB seed first, then music21 (whose parsing is slow the first time)
     order = [(label, s) for label in datasets for s in SEEDS if s == 0 or (label == "JSB" and not quick)]
     for label, s in order:
@@ -166,26 +186,30 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
     runs = {label: rs for label, rs in runs.items() if rs}
     rows, metrics = [], {}
     k = schedule.iwae_particles
+    dash = "–"
     for label, results in runs.items():
         for r in results:
+            test = r["test"] or {}
             rows.append([label, r["seed"], r["steps"], round(r["cpu_seconds"]), r["stopped"], r["best_step"],
-                         r["valid"]["neg_elbo"], r["test"]["neg_elbo"], r["test"]["iwae"],
-                         r["iwae"]["iwae"] if r["iwae"] else "–"])
-        if len(results) > 1:
-            rows.append([f"{label}, mean ± sd of {len(results)} seeds", "", "",
-                         _spread([r["cpu_seconds"] for r in results]), "", "",
-                         _spread([r["valid"]["neg_elbo"] for r in results]),
-                         _spread([r["test"]["neg_elbo"] for r in results]),
-                         _spread([r["test"]["iwae"] for r in results]),
-                         _spread([r["iwae"]["iwae"] for r in results]) if k else "–"])
+                         r["valid"]["neg_elbo"], test.get("neg_elbo", dash), test.get("iwae", dash),
+                         r["iwae"]["iwae"] if r.get("iwae") else dash])
+        done = [r for r in results if r["test"] is not None]
+        if len(done) > 1:
+            rows.append([f"{label}, mean ± sd of {len(done)} seeds", "", "",
+                         _spread([r["cpu_seconds"] for r in done]), "", "",
+                         _spread([r["valid"]["neg_elbo"] for r in done]),
+                         _spread([r["test"]["neg_elbo"] for r in done]),
+                         _spread([r["test"]["iwae"] for r in done]),
+                         _spread([r["iwae"]["iwae"] for r in done]) if k else dash])
         key = label.lower()
-        metrics[f"{key}_test_neg_elbo_mean"] = statistics.mean(r["test"]["neg_elbo"] for r in results)
-        metrics[f"{key}_test_iwae{schedule.test_particles}_mean"] = statistics.mean(
-            r["test"]["iwae"] for r in results)
-        if k:
-            metrics[f"{key}_test_iwae{k}_mean"] = statistics.mean(r["iwae"]["iwae"] for r in results)
-        metrics[f"{key}_train_cpu_seconds_mean"] = statistics.mean(r["cpu_seconds"] for r in results)
-        for r in results:
+        if done:
+            metrics[f"{key}_test_neg_elbo_mean"] = statistics.mean(r["test"]["neg_elbo"] for r in done)
+            metrics[f"{key}_test_iwae{schedule.test_particles}_mean"] = statistics.mean(
+                r["test"]["iwae"] for r in done)
+            if k:
+                metrics[f"{key}_test_iwae{k}_mean"] = statistics.mean(r["iwae"]["iwae"] for r in done)
+            metrics[f"{key}_train_cpu_seconds_mean"] = statistics.mean(r["cpu_seconds"] for r in done)
+        for r in done:
             metrics[f"{key}_seed{r['seed']}_test_neg_elbo"] = r["test"]["neg_elbo"]
             if k:
                 metrics[f"{key}_seed{r['seed']}_test_iwae{k}"] = r["iwae"]["iwae"]
@@ -204,7 +228,8 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
             best = [min(v[: i + 1]) for i in range(len(v))]
             (line,) = ax.plot(t, best, label=f"seed {r['seed']}: best validation −ELBO")
             ax.plot(t, v, color=line.get_color(), alpha=0.3, lw=0.8)
-            ax.plot([r["cpu_seconds"] / 60], [r["test"]["neg_elbo"]], "o", color=line.get_color())
+            if r["test"] is not None:
+                ax.plot([r["cpu_seconds"] / 60], [r["test"]["neg_elbo"]], "o", color=line.get_color())
         if label == "JSB":
             ax.axhline(6.87, color="k", ls="--", lw=1, label="6.87: Pyro DMM tutorial (no IAF)")
             ax.axhline(6.93, color="grey", ls=":", lw=1, label="6.93: Krishnan et al. 2017")
@@ -262,8 +287,11 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
             f"validation bound of the three seeds against CPU seconds (a = {a:.3f}, b = {b:.3g}, "
             f"c = {c:.3f}; points after a quarter of the {span:.0f} s measured) gives {value:.3f} "
             "nats per step at 3,600 CPU s (validation split; the test split runs about "
-            f"{statistics.mean(r['test']['neg_elbo'] - r['valid']['neg_elbo'] for r in runs['JSB']):+.2f} "
-            "from it here)." if "JSB" in runs else "")
+            f"{_offset(runs.get('JSB', []))} from it here)." if "JSB" in runs else "")
+    unfinished = [f"{label} seed {r['seed']}" for label, rs in runs.items() for r in rs if r["test"] is None]
+    if unfinished:
+        notes.append(f"Unfinished (stopped part-way; the curve so far is drawn, the valid column is the "
+                     f"best validation bound so far, no test evaluation): {', '.join(unfinished)}.")
     if missing:
         notes.append(f"Not run (the session's compute ran out; `$VMT_CHORALES_REUSE_ONLY` rendered the "
                      f"finished seeds): {', '.join(missing)}.")
