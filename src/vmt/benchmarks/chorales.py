@@ -293,7 +293,7 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
         notes.append(f"Unfinished (stopped part-way; the curve so far is drawn, the valid column is the "
                      f"best validation bound so far, no test evaluation): {', '.join(unfinished)}.")
     if missing:
-        notes.append(f"Not run (the session's compute ran out; `$VMT_CHORALES_REUSE_ONLY` rendered the "
+        notes.append(f"Not run (the compute available ran out; `$VMT_CHORALES_REUSE_ONLY` rendered the "
                      f"finished seeds): {', '.join(missing)}.")
     md = "\n\n".join([table, "![bound against CPU time](figures/chorales_budget.png)", published, *notes])
     return md, metrics, figure, {"schedule": schedule_name, "preset": PRESET,
