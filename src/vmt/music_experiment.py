@@ -6,8 +6,10 @@ piece in reverse for the guide; ``obs_dim`` and ``feature_dim`` are derived. A *
 schedule** (``inference/NAME.json``) holds the SVI settings and what makes a run a *budgeted*
 one:
 
-* ``max_cpu_seconds``: training stops once the process CPU time spent in SVI steps reaches it
-  (``time.process_time``; one thread is the intended setting, ``OMP_NUM_THREADS=1``);
+* ``max_cpu_seconds``: the process CPU time spent in SVI steps (``time.process_time``; one
+  thread is the intended setting, ``OMP_NUM_THREADS=1``) stays within it: the last stretch
+  before a validation is cut to the steps the remaining budget allows at the rate measured
+  so far;
 * validation-based stopping: every ``eval_every`` steps the negative ELBO of the validation
   split is measured (``valid_particles`` draws, a fixed seed, outside the training random
   stream); the best model so far is kept in ``OUT/best``, and ``patience`` evaluations without
@@ -326,10 +328,14 @@ def run_music(
         if trainer.step >= cfg.steps:
             stopped = "steps"
             break
-        if cpu >= schedule.max_cpu_seconds:
+        segment = min(schedule.eval_every, cfg.steps - trainer.step)
+        if curve:  # the steps the rest of the budget allows at the rate measured so far
+            rate = curve[-1]["step"] / max(curve[-1]["cpu_seconds"], 1e-9)
+            segment = min(segment, int((schedule.max_cpu_seconds - cpu) * rate))
+        if cpu >= schedule.max_cpu_seconds or segment < 1:
             stopped = "cpu budget"
             break
-        trainer.config = dataclasses.replace(cfg, steps=min(cfg.steps, trainer.step + schedule.eval_every))
+        trainer.config = dataclasses.replace(cfg, steps=trainer.step + segment)
         start = time.process_time()
         res = run_steps(trainer, progress=False)
         cpu += time.process_time() - start
