@@ -226,21 +226,23 @@ class MusicRunResult:
                 "parameters": self.parameters}
 
 
-def _bound(vmt, pieces, particles: int, seed: int, streams: int) -> EvalResult:
-    """Negative ELBO and IWAE-``particles`` of whole pieces (one window each), under a fixed
-    seed and outside the global random stream."""
+def _bound(vmt, pieces, particles: int, seed: int) -> EvalResult:
+    """Negative ELBO and IWAE-``particles`` of whole pieces, under a fixed seed and outside the
+    global random stream.
+
+    One piece at a time (``streams=1``), so that each piece is one window and the guide reads
+    all of it: with several streams, :class:`~vmt.inference.windows.DocumentStreams` cuts the
+    windows at the shortest active piece and the guide of a longer piece then reads only up to
+    the cut (a valid but looser bound: 7.70 against 7.49 nats per step on the JSB test split for
+    the same model).
+    """
     longest = max(len(p) for p in pieces)
     was_training = vmt.training
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        ev = evaluate(vmt, pieces, window=longest, particles=particles, streams=streams, diagnostics=False)
+        ev = evaluate(vmt, pieces, window=longest, particles=particles, streams=1, diagnostics=False)
     vmt.train(was_training)
     return ev
-
-
-def _streams(particles: int) -> int:
-    """Pieces read side by side so that about 1024 paths are drawn at once."""
-    return max(1, 1024 // particles)
 
 
 def _load_progress(path: Path) -> dict:
@@ -347,8 +349,7 @@ def run_music(
             stopped = res.stopped
             break
         start = time.process_time()
-        ev = _bound(vmt, splits["valid"], schedule.valid_particles, VALID_SEED,
-                    _streams(schedule.valid_particles))
+        ev = _bound(vmt, splits["valid"], schedule.valid_particles, VALID_SEED)
         eval_cpu += time.process_time() - start
         train_bound = -res.history[-1]["elbo_per_token"] if res.history else math.nan
         curve.append({"step": trainer.step, "cpu_seconds": cpu, "valid_neg_elbo": ev.neg_elbo_per_token,
@@ -372,12 +373,10 @@ def run_music(
         return result
     load_state_into(vmt, load_checkpoint(best_dir, build_model=False).model_state, f"checkpoint {best_dir}")
     start = time.process_time()
-    result.valid = _bound(vmt, splits["valid"], schedule.test_particles, VALID_SEED,
-                          _streams(schedule.test_particles))
-    result.test = _bound(vmt, splits["test"], schedule.test_particles, TEST_SEED, _streams(schedule.test_particles))
+    result.valid = _bound(vmt, splits["valid"], schedule.test_particles, VALID_SEED)
+    result.test = _bound(vmt, splits["test"], schedule.test_particles, TEST_SEED)
     if schedule.iwae_particles:
-        result.iwae = _bound(vmt, splits["test"], schedule.iwae_particles, TEST_SEED + 1,
-                             _streams(schedule.iwae_particles))
+        result.iwae = _bound(vmt, splits["test"], schedule.iwae_particles, TEST_SEED + 1)
     result.test_cpu_seconds = time.process_time() - start
     _write_json(out / "result.json", result.to_dict())
     return result

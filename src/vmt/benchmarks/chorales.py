@@ -110,7 +110,7 @@ def _run_seed(preset, schedule, splits, label: str, seed: int, root: Path, data_
     stamp.write_text(json.dumps(settings, indent=1, sort_keys=True))
     result = run_music(preset, schedule, splits, out, resume=resume, data_name=data_name)
     if result.test is None:
-        raise RuntimeError(f"the {label} run of seed {seed} stopped before any validation ({result.stopped})")
+        raise RuntimeError(f"the {label} run of seed {seed} stopped without a test evaluation ({result.stopped})")
     return result.to_dict()
 
 
