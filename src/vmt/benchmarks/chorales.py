@@ -96,17 +96,17 @@ def _run_seed(preset, schedule, splits, label: str, seed: int, root: Path, data_
 
     out = root / f"{label}-seed{seed}"
     schedule = schedule.with_seed(seed)
-    settings = {"preset": dataclasses.asdict(preset), "schedule": dataclasses.asdict(schedule)}
+    settings = _settings(preset, schedule)
     done = out / "result.json"
     stamp = out / "settings.json"
-    if done.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(settings)):
+    if done.is_file() and stamp.is_file() and _same(stamp, settings):
         return json.loads(done.read_text())
     if reuse_only:
         return _unfinished(out, stamp, settings, preset)
     if callable(splits):
         splits = splits()
     out.mkdir(parents=True, exist_ok=True)
-    resume = stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(settings))
+    resume = stamp.is_file() and _same(stamp, settings)
     stamp.write_text(json.dumps(settings, indent=1, sort_keys=True))
     result = run_music(preset, schedule, splits, out, resume=resume, data_name=data_name)
     if result.test is None:
@@ -114,11 +114,26 @@ def _run_seed(preset, schedule, splits, label: str, seed: int, root: Path, data_
     return result.to_dict()
 
 
+def _settings(preset, schedule) -> dict:
+    """What a seed's run folder must have been trained with to be reused (descriptions aside)."""
+    data = {"preset": dataclasses.asdict(preset), "schedule": dataclasses.asdict(schedule)}
+    for part in data.values():
+        part.pop("description", None)
+    return json.loads(json.dumps(data))
+
+
+def _same(stamp: Path, settings: dict) -> bool:
+    stored = json.loads(stamp.read_text())
+    for part in stored.values():
+        if isinstance(part, dict):
+            part.pop("description", None)
+    return stored == settings
+
+
 def _unfinished(out: Path, stamp: Path, settings: dict, preset) -> dict | None:
     """What an unfinished run of the same settings measured so far (its validation curve), or None."""
     progress = out / "progress.json"
-    if not (progress.is_file() and stamp.is_file()
-            and json.loads(stamp.read_text()) == json.loads(json.dumps(settings))):
+    if not (progress.is_file() and stamp.is_file() and _same(stamp, settings)):
         return None
     data = json.loads(progress.read_text())
     if not data.get("curve"):
