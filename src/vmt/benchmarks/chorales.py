@@ -299,10 +299,12 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
         value, a, b, c, span = extrapolated
         notes.append(
             f"**Extrapolation, not a measurement:** a power law `a + b·t^(−c)` fitted to the best "
-            f"validation bound of the three seeds against CPU seconds (a = {a:.3f}, b = {b:.3g}, "
+            f"validation bound of {len(runs['JSB'])} seed(s) against CPU seconds (a = {a:.3f}, b = {b:.3g}, "
             f"c = {c:.3f}; points after a quarter of the {span:.0f} s measured) gives {value:.3f} "
             "nats per step at 3,600 CPU s (validation split; the test split runs about "
-            f"{_offset(runs.get('JSB', []))} from it here)." if "JSB" in runs else "")
+            f"{_offset(runs.get('JSB', []))} from it here). The fitted runs decay their learning rate "
+            "within their own budget, so this is a rough guide to the hour, not its curve."
+            if "JSB" in runs else "")
     unfinished = [f"{label} seed {r['seed']}" for label, rs in runs.items() for r in rs if r["test"] is None]
     if unfinished:
         notes.append(f"Unfinished (stopped part-way; the curve so far is drawn, the valid column is the "
