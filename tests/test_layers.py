@@ -35,6 +35,7 @@ MODULES = {
     "vmt.cli": "top",
     "vmt.data.cli": "top",  # the `vmt data` commands: command line, kept beside the data code
     "vmt.experiment": "top",
+    "vmt.music_experiment": "top",
     "vmt.usage": "top",
     "vmt.checkpoint": "inference",
     "vmt.paths": "base",

@@ -370,6 +370,7 @@ FREE_CHANGES = frozenset({
 SCHEDULE_CHANGES = frozenset({
     "train_config.learning_rate", "train_config.clip_norm", "train_config.annealing_start",
     "train_config.annealing_steps", "train_config.aux_weight",
+    "train_config.lr_decay_steps", "train_config.lr_final_fraction",
 })
 
 

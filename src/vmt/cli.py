@@ -132,8 +132,59 @@ def _run(args: argparse.Namespace, model: str, schedule: str, out: str):
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from vmt import experiment, music_experiment
+
+    preset = experiment.load_json(experiment.resolve_config(args.model, "models"))
+    if music_experiment.is_music_preset(preset):
+        return _fit_music(args, preset)
+    if getattr(args, "data", None):
+        raise ValueError("--data is for piano-roll presets (e.g. --model jsb); text runs take --text")
     _run(args, args.model, args.schedule, args.out)
     return 0
+
+
+def _music_splits(data: str | None):
+    """The piano-roll splits of ``--data``: a JSB-format pickle, or ``music21`` (the chorales
+    that ship with music21); without it ``$VMT_JSB_PICKLE``."""
+    import os
+
+    from vmt.data.music import load_jsb_chorales, music21_chorales
+
+    source = data or os.environ.get("VMT_JSB_PICKLE")
+    if not source:
+        raise ValueError("a piano-roll preset needs --data PATH (a JSB-format pickle), --data music21, "
+                         "or $VMT_JSB_PICKLE")
+    if source == "music21":
+        return music21_chorales(), "music21 chorales"
+    return load_jsb_chorales(source), f"JSB pickle {Path(source).name}"
+
+
+def _fit_music(args: argparse.Namespace, preset_data: dict) -> int:
+    from vmt import experiment, music_experiment
+
+    if getattr(args, "text", None):
+        raise ValueError("a piano-roll preset takes --data, not --text")
+    preset = music_experiment.MusicPreset.from_dict(preset_data)
+    schedule = music_experiment.MusicSchedule.from_dict(
+        experiment.load_json(experiment.resolve_config(args.schedule, "inference")))
+    if args.steps is not None:
+        _positive(args.steps, "--steps")
+        schedule = music_experiment.MusicSchedule(**{**schedule.__dict__, "train": type(schedule.train)(
+            **{**schedule.train.__dict__, "steps": args.steps})})
+    splits, name = _music_splits(args.data)
+    res = music_experiment.run_music(preset, schedule, splits, args.out, resume=not args.restart,
+                                     accept_schedule=args.accept_schedule, data_name=name)
+    lines = [f"{res.steps} SVI steps, {res.cpu_seconds:.0f} CPU s of training ({res.stopped}); "
+             f"best validation at step {res.best_step}"]
+    if res.stopped == "interrupted":
+        lines.append(f"interrupted; progress saved in {args.out}; run the same command again to resume")
+    for label, ev in (("validation", res.valid), ("test", res.test), ("test", res.iwae)):
+        if ev is not None:
+            lines.append(f"{label:10s} -ELBO {ev.neg_elbo_per_token:.4f}  IWAE-{ev.particles} "
+                         f"{ev.iwae_per_token:.4f} nats/step over {ev.tokens} steps")
+    lines.append(f"run folder: {args.out}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0 if res.stopped in ("steps", "cpu budget", "patience", "interrupted") else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -188,14 +239,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _add_model_commands(sub) -> None:
     fit = sub.add_parser(
         "fit",
-        help="fit a VMT on text",
+        help="fit a VMT on text or piano rolls",
         description="Fit a VMT: a model preset (models/NAME.json) with a schedule "
-        "(inference/NAME.json) on the embedded pydoc corpus or your text files. Resumes from "
+        "(inference/NAME.json) on the embedded pydoc corpus or your text files, or, with a "
+        "piano-roll preset (e.g. --model jsb --schedule jsb-hour), on --data. Resumes from "
         "OUT/checkpoint if present; Ctrl-C saves a checkpoint.",
     )
     fit.add_argument("--model", default=DEMO_PRESET, help="preset name or JSON path")
     fit.add_argument("--schedule", default=DEMO_SCHEDULE, help="schedule name or JSON path")
     fit.add_argument("--text", nargs="+", metavar="FILE", help="train on these text files")
+    fit.add_argument("--data", metavar="PATH",
+                     help="piano-roll presets (e.g. --model jsb): a JSB-format pickle, or 'music21'")
     fit.add_argument("--out", default="runs/fit", help="run folder (checkpoint, curve, results)")
     fit.add_argument("--steps", type=int, help="override the number of SVI steps (a learning-rate "
                      "decay keeps its own length, the schedule's lr_decay_steps)")

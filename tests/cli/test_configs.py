@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from vmt.experiment import ModelPreset, Schedule, load_json, resolve_config, shipped_configs
+from vmt.experiment import load_json, resolve_config, shipped_configs
+from vmt.music_experiment import parse_config
 
 SOURCE = Path(__file__).parents[2] / "src" / "vmt" / "configs"
 
@@ -15,11 +16,10 @@ def test_every_source_config_is_shipped_and_parses(folder, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # nothing local: only the shipped files can answer
     names = shipped_configs(folder)
     assert names == sorted(p.stem for p in (SOURCE / folder).glob("*.json")) and names
-    parse = ModelPreset.from_dict if folder == "models" else Schedule.from_dict
     for name in names:
         found = resolve_config(name, folder)
         assert found.name == f"{name}.json"
-        parse(load_json(found))
+        parse_config(load_json(found), folder)  # text or piano-roll configuration
 
 
 def test_working_directory_overrides_the_shipped_preset(tmp_path, monkeypatch):
@@ -43,7 +43,7 @@ def test_unknown_name_lists_local_and_shipped_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "inference").mkdir()
     (tmp_path / "inference" / "mine.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"no inference configuration 'nope' \(known: \['demo', 'mine', 'token-demo', 'token-hour', 'windows'\]\)"):
+    with pytest.raises(FileNotFoundError, match=r"no inference configuration 'nope' \(known: \['demo', 'jsb-hour', 'mine', 'token-demo', 'token-hour', 'windows'\]\)"):
         resolve_config("nope", "inference")
 
 

@@ -24,13 +24,14 @@ SHIPPED = {folder: sorted(p.stem for p in (ROOT / "src" / "vmt" / "configs" / fo
 RESOLVE_ALL = """
 import json, sys
 import vmt
-from vmt.experiment import ModelPreset, Schedule, load_json, resolve_config, shipped_configs
+from vmt.experiment import load_json, resolve_config, shipped_configs
+from vmt.music_experiment import parse_config
 found = {}
-for folder, parse in (("models", ModelPreset.from_dict), ("inference", Schedule.from_dict)):
+for folder in ("models", "inference"):
     found[folder] = {}
     for name in shipped_configs(folder):
         path = resolve_config(name, folder)
-        parse(load_json(path))
+        parse_config(load_json(path), folder)
         found[folder][name] = str(path)
 print(json.dumps({"vmt": vmt.__file__, "found": found}))
 """

@@ -25,6 +25,7 @@ CASES = {
     "categorical-gated": dict(emission="categorical", obs_dim=5, transition="gated"),
     "bernoulli-flows": dict(emission="bernoulli", obs_dim=3, prior="flow", transition="flow", guide="flow"),
     "gaussian-linear": dict(emission="gaussian", obs_dim=2, transition="linear"),
+    "gaussian-full-guide": dict(emission="gaussian", obs_dim=2, guide="full"),
 }
 ROWS, STEPS, STATE = 3, 4, 2
 
@@ -35,6 +36,9 @@ def make(case, carried=False, rows=ROWS, steps=STEPS, seed=0, state=STATE):
     config = VMTConfig(state_dim=state, feature_dim=6, guide_hidden=8, transition_hidden=8,
                        prior_components=3, max_window=16, **CASES[case])
     vmt = VariationalMarkovTransformer(config).double()
+    if config.guide == "full":  # off-diagonal factors start at zero: make them matter
+        torch.nn.init.normal_(vmt.guide_net.tril_head.weight, std=0.5)
+        torch.nn.init.normal_(vmt.guide_net.tril_head.bias, std=0.5)
     start = torch.tensor([0, 1, 0])[:rows]
     end = torch.tensor([steps, steps, 2])[:rows]
     if config.emission == "categorical":

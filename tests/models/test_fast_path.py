@@ -21,6 +21,7 @@ CASES = {
     "categorical-mlp-emission": dict(emission="categorical", obs_dim=11, emission_hidden=8),
     "bernoulli-flows": dict(emission="bernoulli", obs_dim=5, prior="flow", transition="flow", guide="flow"),
     "gaussian-linear": dict(emission="gaussian", obs_dim=3, transition="linear"),
+    "gaussian-full-guide": dict(emission="gaussian", obs_dim=3, guide="full"),
 }
 
 
@@ -29,6 +30,9 @@ def make(case, carried=False, rows=3, steps=7):
     config = VMTConfig(state_dim=4, feature_dim=6, guide_hidden=8, transition_hidden=8,
                        prior_components=3, max_window=16, **CASES[case])
     vmt = VariationalMarkovTransformer(config)
+    if config.guide == "full":  # off-diagonal factors start at zero: make them matter
+        torch.nn.init.normal_(vmt.guide_net.tril_head.weight, std=0.5)
+        torch.nn.init.normal_(vmt.guide_net.tril_head.bias, std=0.5)
     end = torch.tensor([steps, steps - 2, 3])[:rows]
     if config.emission == "categorical":
         obs = torch.randint(0, config.obs_dim, (rows, steps))

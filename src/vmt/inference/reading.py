@@ -175,6 +175,8 @@ class _DiagNormal:
 
 
 def _gaussian(net: GuideNet, loc, scale, combined):
+    if getattr(net, "tril_head", None) is not None:
+        return net.distribution(loc, scale, combined)
     if scale.dim() > loc.dim():  # a covariance factor (the full affine guide)
         return AffineNormal(loc, scale, full=True)
     transforms = net.flow_transforms(combined)

@@ -11,7 +11,8 @@
 * ``regime="windows"``: batched truncated BPTT over whole documents with carried states;
   loss = ``-ELBO/tokens + w * (L_init + L_prior + L_skip)``.
 
-Both: KL annealing (a factor passed to the loss, rising linearly), gradient clipping,
+Both: KL annealing (a factor passed to the loss, rising linearly), an optional cosine
+learning-rate decay (``lr_decay_steps``), gradient clipping,
 checkpoints (crash-safe, see :mod:`vmt.checkpoint`; every ``checkpoint_every`` steps, at the
 end, and on Ctrl-C or SIGTERM, after which the run stops), resume (the same loss curve
 continues: model, optimiser, RNG and carried states are restored; a checkpoint written for
@@ -87,9 +88,9 @@ class TrainConfig:
     max_skip: int = 8
     annealing_start: float = 1.0
     annealing_steps: int = 0
-    distill_weight: float = 0.0
     lr_decay_steps: int = 0
     lr_final_fraction: float = 0.1
+    distill_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10

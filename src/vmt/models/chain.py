@@ -162,6 +162,8 @@ class GuideChain(_ChainDistribution):
     def _distribution(self, loc, scale, combined) -> dist.TorchDistribution:
         if scale.dim() > loc.dim():  # a Cholesky factor (the full affine guide)
             return dist.MultivariateNormal(loc, scale_tril=scale)
+        if hasattr(self.net, "distribution"):
+            return self.net.distribution(loc, scale, combined)
         base = dist.Normal(loc, scale).to_event(1)
         transforms = self.net.flow_transforms(combined)
         return dist.TransformedDistribution(base, transforms) if transforms else base
@@ -200,7 +202,7 @@ class GuideChain(_ChainDistribution):
         step_context = self.step_context.unbind(1)
         first_loc, first_scale = self.first_loc.unbind(1), self.first_scale.unbind(1)
         first_combined = self.first_combined.unbind(1)
-        flows = len(self.net.flows) > 0
+        structured = len(self.net.flows) > 0 or getattr(self.net, "tril_head", None) is not None
         x_prev = first_loc[0].new_zeros(self._leading_shape(sample_shape) + first_loc[0].shape[-1:])
         states = []
         for k in range(b.num_steps):
@@ -212,7 +214,7 @@ class GuideChain(_ChainDistribution):
                 loc = torch.where(sel, first_loc[k], loc)
                 scale = torch.where(sel, first_scale[k], scale)
                 combined = torch.where(sel, first_combined[k], combined)
-            if flows:
+            if structured:
                 x_prev = self._distribution(loc, scale, combined).rsample()
             else:
                 x_prev = loc + torch.empty_like(loc).normal_() * scale

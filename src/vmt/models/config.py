@@ -12,7 +12,7 @@ from vmt.config_fields import config_from_dict
 PriorKind = Literal["mixture", "flow", "token"]
 TransitionKind = Literal["gated", "linear", "flow", "token"]
 EmissionKind = Literal["categorical", "bernoulli", "gaussian", "token"]
-GuideKind = Literal["gaussian", "flow", "token", "affine"]
+GuideKind = Literal["gaussian", "full", "flow", "token", "affine"]
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,12 @@ class VMTConfig:
             (linear-Gaussian, for exact oracles) or ``"flow"`` (gated Gaussian followed by a
             conditional affine-coupling flow).
         transition_hidden: hidden width of the transition networks.
-        guide: ``"gaussian"`` (gated combiner), ``"flow"`` (Gaussian followed by a
-            conditional flow) or ``"affine"`` (Gaussian with a mean affine in the previous
-            state, sampled by a parallel scan: :mod:`vmt.models.scan`).
+        guide: ``"gaussian"`` (diagonal, gated combiner), ``"full"`` (a full-covariance
+            Gaussian step: a lower-triangular scale whose off-diagonal part the combiner
+            outputs, so the guide can represent correlations between state dimensions given
+            the previous state), ``"flow"`` (diagonal Gaussian followed by a conditional flow)
+            or ``"affine"`` (Gaussian with a mean affine in the previous state, sampled by a
+            parallel scan: :mod:`vmt.models.scan`).
         affine_structure: the affine guide's matrix and noise: ``"diagonal"`` (elementwise
             scan) or ``"full"`` (a ``state x state`` matrix and a full covariance; contains
             the exact posterior of a linear-Gaussian model, costs ``O(state^3)`` per position).
@@ -97,7 +100,7 @@ class VMTConfig:
             "emission": ("categorical", "bernoulli", "gaussian", "token"),
             "prior": ("mixture", "flow", "token"),
             "transition": ("gated", "linear", "flow", "token"),
-            "guide": ("gaussian", "flow", "token", "affine"),
+            "guide": ("gaussian", "full", "flow", "token", "affine"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

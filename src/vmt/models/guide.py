@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from torch import nn
@@ -61,6 +62,12 @@ class GuideNet(LocalParamsModule):
             T.conditional_affine_coupling(d, context_dim=h, hidden_dims=[h])
             for _ in range(config.flow_layers if config.guide == "flow" else 0)
         ), d)
+        # full-covariance step: the strictly lower part of a unit-triangular factor, read from
+        # the combiner; zero at the start, so the guide starts as the diagonal one
+        self.tril_head = nn.Linear(h, d * (d - 1) // 2) if config.guide == "full" else None
+        if self.tril_head is not None:
+            nn.init.zeros_(self.tril_head.weight)
+            nn.init.zeros_(self.tril_head.bias)
 
     def context(
         self, features: torch.Tensor, ahead: torch.Tensor, source: torch.Tensor | None = None
@@ -107,6 +114,44 @@ class GuideNet(LocalParamsModule):
         combined = 0.5 * (torch.tanh(self.state_proj(x_prev)) + skip_context)
         loc, scale = self._loc_scale(self.step_head(combined))
         return loc + self.state_skip(x_prev), scale, combined
+
+    def scale_tril(self, scale: torch.Tensor, combined: torch.Tensor) -> torch.Tensor | None:
+        """The Cholesky factor ``L = (I + M) diag(scale)`` of a full-covariance guide step.
+
+        ``M`` is strictly lower-triangular, read from the combiner output, so the covariance
+        ``L L^T`` is any positive-definite matrix while ``scale`` stays the conditional
+        standard deviation of the first coordinate.
+
+        Args:
+            scale: ``(..., state)`` positive scales (from :meth:`first_params` /
+                :meth:`step_params`).
+            combined: ``(..., hidden)`` combiner output of the same positions.
+
+        Returns:
+            ``(..., state, state)`` lower-triangular with diagonal ``scale``, or ``None`` for
+            a diagonal (``"gaussian"`` / ``"flow"``) guide.
+        """
+        if self.tril_head is None:
+            return None
+        d = self.config.state_dim
+        if scale.shape[-1] != d or combined.shape[:-1] != scale.shape[:-1]:
+            raise ValueError(f"scale must be (..., {d}) with combined (same ..., hidden); got "
+                             f"{tuple(scale.shape)} and {tuple(combined.shape)}")
+        rows, cols = torch.tril_indices(d, d, -1, device=scale.device)
+        lower = scale.new_zeros(*scale.shape, d)
+        lower[..., rows, cols] = self.tril_head(combined)
+        return lower * scale.unsqueeze(-2) + torch.diag_embed(scale)
+
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, combined: torch.Tensor):
+        """The guide's conditional of one state, event ``(state,)``, from ``loc``/``scale``
+        ``(..., state)`` and ``combined (..., hidden)``: a diagonal Gaussian, a full-covariance
+        Gaussian (``guide="full"``) or a diagonal Gaussian pushed through the flow."""
+        tril = self.scale_tril(scale, combined)
+        if tril is not None:
+            return dist.MultivariateNormal(loc, scale_tril=tril)
+        base = dist.Normal(loc, scale).to_event(1)
+        transforms = self.flow_transforms(combined)
+        return dist.TransformedDistribution(base, transforms) if transforms else base
 
     def flow_transforms(self, combined: torch.Tensor) -> list:
         """Coupling transforms conditioned on the combiner output (empty for a Gaussian guide)."""

@@ -31,8 +31,9 @@ from vmt.models.guide import GuideNet
 
 
 def lean_loop_applies(net) -> bool:
-    """Whether :func:`lean_rsample` can sample for ``net``: a Gaussian :class:`GuideNet`."""
-    return type(net) is GuideNet and len(net.flows) == 0
+    """Whether :func:`lean_rsample` can sample for ``net``: a diagonal Gaussian :class:`GuideNet`
+    (no flow, no full-covariance factor)."""
+    return type(net) is GuideNet and len(net.flows) == 0 and getattr(net, "tril_head", None) is None
 
 
 def lean_rsample(chain, sample_shape=torch.Size()) -> torch.Tensor:
@@ -40,7 +41,8 @@ def lean_rsample(chain, sample_shape=torch.Size()) -> torch.Tensor:
     :class:`~vmt.models.chain.GuideChain` whose net is a Gaussian :class:`GuideNet`."""
     net = chain.net
     if not lean_loop_applies(net):
-        raise ValueError(f"the lean loop needs a Gaussian GuideNet without flows, got {type(net).__name__}")
+        raise ValueError(f"the lean loop needs a diagonal Gaussian GuideNet (no flow, no full covariance), "
+                         f"got {type(net).__name__} with guide {net.config.guide!r}")
     b = chain.chain_batch
     lead = torch.Size(sample_shape) + chain.batch_shape
     rows, steps, d = lead.numel(), b.num_steps, net.config.state_dim

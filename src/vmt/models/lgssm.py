@@ -32,7 +32,8 @@ class LinearGaussianSSM:
     R: torch.Tensor  # (obs, obs)
 
     def simulate(self, steps: int, batch: int, generator: torch.Generator | None = None):
-        """Draw ``(x, y)`` of shapes ``(batch, time, state)`` and ``(batch, time, obs)``."""
+        """Draw ``(x, y)`` of shapes ``(batch, time, state)`` and ``(batch, time, obs)``: ``batch``
+        independent sequences (independent noise in every row and step)."""
         def mvn(mean, cov, shape):
             noise = torch.randn(*shape, mean.shape[-1], generator=generator, dtype=mean.dtype)
             return mean + noise @ torch.linalg.cholesky(cov).T
@@ -41,8 +42,9 @@ class LinearGaussianSSM:
         x = mvn(self.m0, self.P0, (batch,))
         for _ in range(steps):
             xs.append(x)
-            ys.append(mvn(x @ self.C.T + self.d, self.R, ()))
-            x = mvn(x @ self.A.T + self.b, self.Q, ())
+            # one noise draw per row (a shape of () would share one draw across the batch)
+            ys.append(mvn(x @ self.C.T + self.d, self.R, (batch,)))
+            x = mvn(x @ self.A.T + self.b, self.Q, (batch,))
         return torch.stack(xs, 1), torch.stack(ys, 1)
 
 

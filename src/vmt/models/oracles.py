@@ -26,19 +26,21 @@ def linear_gaussian_vmt(
     freeze_generative: bool = True,
     guide: str = "gaussian",
     affine_structure: str = "full",
+    flow_layers: int = 2,
 ) -> VariationalMarkovTransformer:
     """A VMT whose generative model *is* ``ssm`` (diagonal ``P0``, ``Q``, ``R``).
 
     ``log p(y)`` is then exact by :func:`vmt.inference.kalman.kalman_smoother`, so the gap to
     the ELBO measures the guide alone. With ``freeze_generative`` only the guide and reader
-    train. ``guide="affine"`` (with a ``"full"`` structure) gives a guide family that contains
-    the exact smoothing posterior.
+    train. ``guide`` is the guide family (``"gaussian"``, ``"full"``, ``"flow"`` with
+    ``flow_layers`` couplings, or ``"affine"``, see :class:`~vmt.models.config.VMTConfig`);
+    ``"affine"`` with a ``"full"`` structure contains the exact smoothing posterior.
     """
     state, obs = ssm.A.shape[0], ssm.C.shape[0]
     config = VMTConfig(
         state_dim=state, obs_dim=obs, feature_dim=feature_dim, emission="gaussian",
         transition="linear", prior_components=1, guide_hidden=guide_hidden, max_window=max_window,
-        guide=guide, affine_structure=affine_structure,
+        guide=guide, affine_structure=affine_structure, flow_layers=flow_layers,
     )
     vmt = VariationalMarkovTransformer(config, reader=reader)
     dtype = vmt.prior.loc.dtype

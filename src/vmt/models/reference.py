@@ -53,11 +53,13 @@ def reference_guide(vmt, batch: ChainBatch, direction: str = "forward") -> None:
                 loc, scale, combined = net.step_params(prev, net.skip_context(context[:, k], 1))
             if scale.dim() > loc.dim():  # a covariance factor (the full affine guide)
                 fn = dist.MultivariateNormal(loc, scale_tril=scale)
+            elif hasattr(net, "distribution"):
+                fn = net.distribution(loc, scale, combined)
             else:
                 fn = dist.Normal(loc, scale).to_event(1)
-            transforms = net.flow_transforms(combined)
-            if transforms:
-                fn = dist.TransformedDistribution(fn, transforms)
+                transforms = net.flow_transforms(combined)
+                if transforms:
+                    fn = dist.TransformedDistribution(fn, transforms)
             x_prev = pyro.sample(f"x_{k}", fn.mask(mask[:, k]))
 
 
