@@ -30,7 +30,7 @@ def test_training_improves_the_heldout_bound(regime, periodic_documents, small_v
     # trained model must get well under the untrained one and under uniform.
     assert after.neg_elbo_per_token < before.neg_elbo_per_token - 0.3
     assert after.neg_elbo_per_token < math.log(VOCAB)
-    assert after.iwae_per_token <= after.neg_elbo_per_token + 1e-6
+    assert after.neg_iwae_per_token <= after.neg_elbo_per_token + 1e-6
 
 
 @pytest.mark.integration
@@ -181,7 +181,7 @@ def test_evaluate_carries_float64_states_of_a_float64_model_exactly(monkeypatch,
     particles = 3
     result = evaluation.evaluate(vmt, periodic_documents(n=2), window=8, particles=particles,
                                  streams=2)
-    assert math.isfinite(result.neg_elbo_per_token) and math.isfinite(result.iwae_per_token)
+    assert math.isfinite(result.neg_elbo_per_token) and math.isfinite(result.neg_iwae_per_token)
     assert len(seen) >= 3  # documents of 20-40 tokens in windows of 8: states are carried
     compared = 0
     for (before, x_before), (batch, x) in zip(seen, seen[1:], strict=False):
@@ -195,7 +195,7 @@ def test_evaluate_carries_float64_states_of_a_float64_model_exactly(monkeypatch,
             compared += 1
     assert compared >= 2
     # the IWAE bound is at least as tight as the ELBO from the same particles (float64 sums)
-    assert result.iwae_per_token <= result.neg_elbo_per_token + 1e-12
+    assert result.neg_iwae_per_token <= result.neg_elbo_per_token + 1e-12
 
 
 def test_windows_training_of_a_float64_model_stays_float64(monkeypatch, periodic_documents, small_vmt):

@@ -90,13 +90,18 @@ class EvalResult:
     float64 rounding). Fields that need at least two particles (the explained variance, the
     prior-variance fraction, the active units) are ``None`` with one particle; the
     per-dimension tuples are then empty. See the module docstring for the definitions.
+
+    Both bounds are negatives, upper bounds on the NLL: ``neg_elbo_per_token`` is
+    ``-ELBO / tokens`` and ``neg_iwae_per_token`` is ``-IWAE_k / tokens`` (so
+    ``neg_iwae_per_token <= neg_elbo_per_token``); ``iwae_per_token`` is the older name of
+    the latter, kept as an alias.
     """
 
     tokens: int
     documents: int
     particles: int
     neg_elbo_per_token: float
-    iwae_per_token: float
+    neg_iwae_per_token: float
     reconstruction_per_token: float = math.nan
     kl_per_token: float = math.nan
     oov_per_token: float = 0.0
@@ -117,9 +122,15 @@ class EvalResult:
     per_document: tuple[DocumentBound, ...] = ()
 
     @property
+    def iwae_per_token(self) -> float:
+        """Deprecated name of :attr:`neg_iwae_per_token` (``-IWAE_k / tokens``, a negative
+        bound despite the name)."""
+        return self.neg_iwae_per_token
+
+    @property
     def perplexity_bound(self) -> float:
         """``exp(-IWAE_k / tokens)``: an upper bound on the perplexity."""
-        return math.exp(self.iwae_per_token)
+        return math.exp(self.neg_iwae_per_token)
 
     def summary(self) -> str:
         """A few lines for reports: the split of the bound and the state's use of the text."""
@@ -377,7 +388,7 @@ def evaluate(
         documents=len(finished),
         particles=particles,
         neg_elbo_per_token=neg_elbo / tokens,
-        iwae_per_token=neg_iwae / tokens,
+        neg_iwae_per_token=neg_iwae / tokens,
         reconstruction_per_token=bounds.recon / tokens,
         kl_per_token=bounds.kl / tokens,
         oov_per_token=sum(doc.oov for doc in bounds.finished) / tokens,
