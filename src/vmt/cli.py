@@ -96,7 +96,7 @@ def _report(result) -> None:
     sys.stdout.write(
         f"held-out: {test.tokens} tokens in {test.documents} documents\n"
         f"  negative ELBO        {test.neg_elbo_per_token:.4f} nats/token\n"
-        f"  IWAE-{test.particles:<3d} bound     {test.iwae_per_token:.4f} nats/token "
+        f"  IWAE-{test.particles:<3d} bound     {test.neg_iwae_per_token:.4f} nats/token "
         f"(perplexity <= {test.perplexity_bound:.2f})\n"
         f"{test.summary()}\n"
         f"checkpoint: {result.checkpoint}\ntraining curve: {result.curve}\n"
@@ -198,8 +198,8 @@ def _demo(args: argparse.Namespace) -> int:
              f"  Kneser-Ney bigram           {base.bigram:.4f}"]
     if base.lm_document is not None:
         lines.append(f"  SmolLM2, whole document     {base.lm_document:.4f}")
-    lines.append(f"  this VMT, IWAE-{test.particles} bound      {test.iwae_per_token:.4f}"
-                 f"  ({'below' if test.iwae_per_token < base.bigram else 'not below'} the bigram)")
+    lines.append(f"  this VMT, IWAE-{test.particles} bound      {test.neg_iwae_per_token:.4f}"
+                 f"  ({'below' if test.neg_iwae_per_token < base.bigram else 'not below'} the bigram)")
     usage = experiment.demo_usage(result, args.out)
     lines += [
         f"read a held-out document of {usage.tokens_read} tokens in {usage.windows} windows "
@@ -230,7 +230,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     res = experiment.evaluate_checkpoint(args.run, particles=args.particles, texts=texts)
     sys.stdout.write(
         f"negative ELBO {res.neg_elbo_per_token:.4f} nats/token; IWAE-{res.particles} "
-        f"{res.iwae_per_token:.4f} nats/token (perplexity <= {res.perplexity_bound:.2f}) "
+        f"{res.neg_iwae_per_token:.4f} nats/token (perplexity <= {res.perplexity_bound:.2f}) "
         f"over {res.tokens} tokens\n{res.summary()}\n"
     )
     return 0

@@ -102,7 +102,8 @@ def test_the_split_of_the_bound_sums_to_the_negative_elbo():
     assert sum(d.neg_elbo for d in res.per_document) / res.tokens == pytest.approx(
         res.neg_elbo_per_token, rel=1e-12)
     assert sum(d.neg_iwae for d in res.per_document) / res.tokens == pytest.approx(
-        res.iwae_per_token, rel=1e-12)
+        res.neg_iwae_per_token, rel=1e-12)
+    assert res.iwae_per_token == res.neg_iwae_per_token  # the older name, kept as an alias
     assert all(d.neg_iwae <= d.neg_elbo + 1e-9 for d in res.per_document)
 
 

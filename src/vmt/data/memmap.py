@@ -174,8 +174,25 @@ def build_memmap_corpus(
         ValueError: for bad arguments, or a folder holding a different build.
         FileNotFoundError: if an input is not a file.
     """
-    from tqdm.auto import tqdm
+    paths = _check_build_args(texts, out, split, min_tokens, chunk_chars, flush_tokens, encoding)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _build_plan(paths, tokenizer, split, min_tokens, chunk_chars)
+    built = _existing_corpus(out, plan)
+    if built is not None:
+        return built
+    state = _start_or_resume(out, plan)
+    dtype = np.dtype(plan["dtype"])
+    with _PartialFiles(out, plan, state, dtype) as files:
+        _tokenise(files, paths, tokenizer, plan, flush_tokens, progress)
+    return _finalise(out, plan, files.n_docs, files.n_tokens, dtype)
 
+
+_BUILD_FILES = ("header.json", "tokens.bin", "offsets.npy", "progress.json")
+
+
+def _check_build_args(texts, out, split, min_tokens, chunk_chars, flush_tokens, encoding) -> list[Path]:
+    """The input paths, after checking every argument of :func:`build_memmap_corpus`."""
     if encoding.lower().replace("-", "") != "utf8":
         raise ValueError(f"only utf-8 input is supported, got encoding={encoding!r}")
     if split not in ("blank", "line", "file"):
@@ -194,19 +211,27 @@ def build_memmap_corpus(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"corpus folder {out} is an existing file; give a folder path")
-    out.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def _build_plan(paths: list[Path], tokenizer: Any, split: Split, min_tokens: int, chunk_chars: int) -> dict:
+    """What a build is made of (stored in the header and the progress record)."""
     vocab_size = tokenizer_vocab_size(tokenizer)
-    dtype = _token_dtype(vocab_size)
-    plan = {
+    return {
         "format": _FORMAT,
         "tokenizer_name": tokenizer_name(tokenizer),
         "vocab_size": vocab_size,
-        "dtype": dtype.str,
+        "dtype": _token_dtype(vocab_size).str,
         "split": split,
         "min_tokens": min_tokens,
         "chunk_chars": chunk_chars,
         "sources": _sources(paths),
     }
+
+
+def _existing_corpus(out: Path, plan: dict) -> MemmapCorpus | None:
+    """The corpus already built in ``out`` for ``plan`` (``None``: build it). An old or corrupt
+    build is removed; a complete build of another plan is a ``ValueError``."""
     header_path = out / "header.json"
     if header_path.is_file():
         try:
@@ -215,7 +240,7 @@ def build_memmap_corpus(
             header = None
         if isinstance(header, dict) and any("sha256" not in src for src in header.get("sources", [])):
             logger.warning("corpus %s was built without content hashes of its inputs; rebuilding it", out)
-            for name in ("header.json", "tokens.bin", "offsets.npy", "progress.json"):
+            for name in _BUILD_FILES:
                 (out / name).unlink(missing_ok=True)
         elif isinstance(header, dict):
             diff = sorted(k for k in plan if header.get(k) != plan[k])
@@ -232,10 +257,14 @@ def build_memmap_corpus(
             return corpus
         except (ValueError, OSError) as err:
             logger.warning("corpus %s is corrupt (%s); rebuilding it", out, err)
-            for name in ("header.json", "tokens.bin", "offsets.npy", "progress.json"):
+            for name in _BUILD_FILES:
                 (out / name).unlink(missing_ok=True)
+    return None
 
-    tokens_part, offsets_part = out / "tokens.bin.partial", out / "offsets.bin.partial"
+
+def _start_or_resume(out: Path, plan: dict) -> dict:
+    """The progress state of an unfinished build of ``plan`` in ``out``, or a fresh one (then
+    the partial files are removed and the record written)."""
     progress_path = out / "progress.json"
     state = {"file": 0, "byte": 0, "tokens": 0, "documents": 0, "open": 0}
     if progress_path.is_file():
@@ -248,87 +277,121 @@ def build_memmap_corpus(
         state = old["state"]
         logger.info("resuming corpus build in %s at file %d, byte %d", out, state["file"], state["byte"])
     else:
-        for p in (tokens_part, offsets_part):
+        for p in (out / "tokens.bin.partial", out / "offsets.bin.partial"):
             p.unlink(missing_ok=True)
         _atomic_json(progress_path, {"plan": plan, "state": state})
-    itemsize = dtype.itemsize
-    with open(tokens_part, "ab") as tf, open(offsets_part, "ab") as of:
+    return state
+
+
+class _PartialFiles:
+    """The growing ``tokens.bin.partial`` and ``offsets.bin.partial`` of a build, with the
+    tokens buffered since the last write, the document ends since the last flush, and the
+    counts (``n_tokens``, ``n_docs``, ``open_len``: tokens of the document under way).
+
+    Opening truncates both files to the last recorded flush (what was written after it is
+    dropped); :meth:`flush` writes everything and records the progress.
+    """
+
+    def __init__(self, out: Path, plan: dict, state: dict, dtype: np.dtype) -> None:
+        self.out, self.plan, self.state, self.dtype = out, plan, state, dtype
+        self.buffer: list[np.ndarray] = []
+        self.ends: list[int] = []
+        self.buffered = 0
+        self.n_tokens, self.n_docs, self.open_len = state["tokens"], state["documents"], state["open"]
+
+    def __enter__(self) -> _PartialFiles:
+        self.tf = open(self.out / "tokens.bin.partial", "ab")  # closed in __exit__
+        self.of = open(self.out / "offsets.bin.partial", "ab")
         # drop whatever was written after the last recorded flush
-        tf.truncate(state["tokens"] * itemsize)
-        of.truncate(state["documents"] * 8)
-        tf.seek(0, os.SEEK_END)
-        of.seek(0, os.SEEK_END)
-        total_bytes = sum(p.stat().st_size for p in paths)
-        done_bytes = sum(p.stat().st_size for p in paths[: state["file"]]) + state["byte"]
-        bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
-                   desc="tokenise", disable=not progress)
-        buffer: list[np.ndarray] = []
-        ends: list[int] = []
-        buffered = 0
-        n_tokens, n_docs, open_len = state["tokens"], state["documents"], state["open"]
+        self.tf.truncate(self.state["tokens"] * self.dtype.itemsize)
+        self.of.truncate(self.state["documents"] * 8)
+        self.tf.seek(0, os.SEEK_END)
+        self.of.seek(0, os.SEEK_END)
+        return self
 
-        def write_out() -> None:
-            nonlocal buffer, buffered
-            for arr in buffer:
-                tf.write(arr.tobytes())
-            buffer, buffered = [], 0
+    def __exit__(self, *exc) -> None:
+        self.of.close()
+        self.tf.close()
 
-        def flush(file_index: int, byte: int) -> None:
-            nonlocal ends
-            write_out()
-            of.write(np.asarray(ends, dtype="<i8").tobytes())
-            tf.flush()
-            of.flush()
-            os.fsync(tf.fileno())
-            os.fsync(of.fileno())
-            state.update(file=file_index, byte=byte, tokens=n_tokens, documents=n_docs, open=open_len)
-            _atomic_json(progress_path, {"plan": plan, "state": state})
-            ends = []
+    def add(self, ids: np.ndarray, ends_document: bool, min_tokens: int) -> None:
+        """Buffer the ``(tokens,)`` ids of a piece; at a document's end keep it, or take it
+        back out when it has fewer than ``min_tokens`` tokens."""
+        self.buffer.append(ids.astype(self.dtype))
+        self.buffered += ids.size
+        self.n_tokens += ids.size
+        self.open_len += ids.size
+        if not ends_document:
+            return
+        if self.open_len >= min_tokens:
+            self.ends.append(self.n_tokens)
+            self.n_docs += 1
+        else:  # too short: take its tokens back out
+            self.n_tokens -= self.open_len
+            self.write_out()
+            self.tf.flush()
+            self.tf.truncate(self.n_tokens * self.dtype.itemsize)
+            self.tf.seek(0, os.SEEK_END)
+        self.open_len = 0
 
-        try:
-            for fi in range(state["file"], len(paths)):
-                start_byte = state["byte"] if fi == state["file"] else 0
-                with open(paths[fi], "rb") as fh:
-                    fh.seek(start_byte)
-                    last = start_byte
-                    for text, ends_doc, pos in _segments(fh, split, chunk_chars):
-                        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
-                        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-                            raise ValueError(
-                                f"tokenizer gave ids in [{int(ids.min())}, {int(ids.max())}], "
-                                f"outside [0, {vocab_size}) in {paths[fi]}"
-                            )
-                        buffer.append(ids.astype(dtype))
-                        buffered += ids.size
-                        n_tokens += ids.size
-                        open_len += ids.size
-                        if ends_doc:
-                            if open_len >= min_tokens:
-                                ends.append(n_tokens)
-                                n_docs += 1
-                            else:  # too short: take its tokens back out
-                                n_tokens -= open_len
-                                write_out()
-                                tf.flush()
-                                tf.truncate(n_tokens * itemsize)
-                                tf.seek(0, os.SEEK_END)
-                            open_len = 0
-                        bar.update(pos - last)
-                        last = pos
-                        # progress is recorded only between documents, so a resumed build
-                        # never splits one; a long document's tokens still go to disk
-                        if buffered >= flush_tokens:
-                            if open_len == 0:
-                                flush(fi, pos)
-                            else:
-                                write_out()
-                if open_len == 0:
-                    flush(fi + 1, 0)
-        finally:
-            bar.close()
-        if open_len:
-            raise RuntimeError("internal error: an unfinished document at the end of the input")
-    return _finalise(out, plan, n_docs, n_tokens, dtype)
+    def write_out(self) -> None:
+        """Write the buffered tokens (no progress is recorded)."""
+        for arr in self.buffer:
+            self.tf.write(arr.tobytes())
+        self.buffer, self.buffered = [], 0
+
+    def flush(self, file_index: int, byte: int) -> None:
+        """Write and sync both files and record the progress: input ``file_index`` at ``byte``."""
+        self.write_out()
+        self.of.write(np.asarray(self.ends, dtype="<i8").tobytes())
+        self.tf.flush()
+        self.of.flush()
+        os.fsync(self.tf.fileno())
+        os.fsync(self.of.fileno())
+        self.state.update(file=file_index, byte=byte, tokens=self.n_tokens, documents=self.n_docs,
+                          open=self.open_len)
+        _atomic_json(self.out / "progress.json", {"plan": self.plan, "state": self.state})
+        self.ends = []
+
+
+def _tokenise(files: _PartialFiles, paths: list[Path], tokenizer: Any, plan: dict, flush_tokens: int,
+              progress: bool) -> None:
+    """Read the inputs from the recorded position on, tokenise every piece into ``files``."""
+    from tqdm.auto import tqdm
+
+    state, vocab_size = files.state, plan["vocab_size"]
+    total_bytes = sum(p.stat().st_size for p in paths)
+    done_bytes = sum(p.stat().st_size for p in paths[: state["file"]]) + state["byte"]
+    bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True,
+               desc="tokenise", disable=not progress)
+    try:
+        for fi in range(state["file"], len(paths)):
+            start_byte = state["byte"] if fi == state["file"] else 0
+            with open(paths[fi], "rb") as fh:
+                fh.seek(start_byte)
+                last = start_byte
+                for text, ends_doc, pos in _segments(fh, plan["split"], plan["chunk_chars"]):
+                    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+                    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+                        raise ValueError(
+                            f"tokenizer gave ids in [{int(ids.min())}, {int(ids.max())}], "
+                            f"outside [0, {vocab_size}) in {paths[fi]}"
+                        )
+                    files.add(ids, ends_doc, plan["min_tokens"])
+                    bar.update(pos - last)
+                    last = pos
+                    # progress is recorded only between documents, so a resumed build
+                    # never splits one; a long document's tokens still go to disk
+                    if files.buffered >= flush_tokens:
+                        if files.open_len == 0:
+                            files.flush(fi, pos)
+                        else:
+                            files.write_out()
+            if files.open_len == 0:
+                files.flush(fi + 1, 0)
+    finally:
+        bar.close()
+    if files.open_len:
+        raise RuntimeError("internal error: an unfinished document at the end of the input")
 
 
 def _finalise(out: Path, plan: dict, n_docs: int, n_tokens: int, dtype: np.dtype) -> MemmapCorpus:

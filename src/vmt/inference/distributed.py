@@ -49,12 +49,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -69,9 +67,17 @@ from vmt.checkpoint import (
     save_checkpoint,
 )
 from vmt.encoders.features import encoder_autocast as encoder_autocast
-from vmt.inference.elbo import auxiliary_losses, elbo_terms
+from vmt.inference.objective import (
+    LossResult,
+    LossTotals,
+    aux_counts,
+    optimiser_step,
+    reseed,
+    step_seed,
+    svi_loss,
+)
 from vmt.inference.subsequences import Curriculum, SubsequenceSampler, suffix_parallel_batch
-from vmt.inference.train import NonFiniteLoss, TrainConfig, TrainResult, run_steps
+from vmt.inference.train import TrainConfig, TrainResult, run_steps
 from vmt.inference.windows import (
     DocumentStreams,
     StreamCursor,
@@ -87,18 +93,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DistributedTrainer",
     "SVILoss",
+    "aux_counts",
     "batch_to",
     "distributed_fit",
     "encoder_autocast",
     "init_distributed",
     "step_seed",
 ]
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of rank ``rank`` at step ``step`` of a run seeded with ``seed`` (63 bits)."""
-    state = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
@@ -127,18 +128,6 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     return 0, 1, device
 
 
-def aux_counts(batch: ChainBatch, skip: int | None) -> tuple[int, int]:
-    """How many terms :func:`vmt.inference.elbo.auxiliary_losses` averages for ``init`` and
-    ``skip`` (its ``prior`` averages over the batch's tokens)."""
-    init = int((batch.first_mask() & batch.carried_rows()[:, None]).sum())
-    pairs = 0
-    if skip is not None and skip >= 2 and batch.num_steps > skip:
-        pos = batch.positions()
-        valid = (pos[:-skip] >= batch.start[:, None]) & (pos[skip:] < batch.end[:, None])
-        pairs = int(valid.sum())
-    return init, pairs
-
-
 class SVILoss(nn.Module):
     """The loss of :meth:`vmt.inference.train.Trainer.loss` as a module, so DDP can wrap it;
     normalised by counts summed over all ranks (module docstring). The same formula serves
@@ -162,8 +151,8 @@ class SVILoss(nn.Module):
         skip: int | None,
         totals: torch.Tensor,
         world_size: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rank-local loss, the detached ELBO sum and the sampled path.
+    ) -> LossResult:
+        """This rank's share of the loss (:func:`vmt.inference.objective.svi_loss`).
 
         Args:
             batch: this rank's batch (on the model's device).
@@ -173,27 +162,10 @@ class SVILoss(nn.Module):
             world_size: number of ranks whose gradients DDP averages.
 
         Returns:
-            ``(loss, elbo_sum, x)``: scalar loss (see the module docstring), ``sum`` of this
-            rank's per-row ELBOs (annealing 1) and the detached ``(batch, time, state)`` path
-            (the windows regime carries its last states).
+            :class:`vmt.inference.objective.LossResult` (``loss`` as in the module docstring,
+            ``elbo_sum`` of this rank's rows, ``terms.x`` the sampled path).
         """
-        if totals.shape != (3,):
-            raise ValueError(f"totals must be (3,), got {tuple(totals.shape)}")
-        tokens, init_total, skip_total = (max(int(v), 1) for v in totals.tolist())
-        with torch.autocast(batch.obs.device.type, enabled=False):
-            terms = elbo_terms(self.vmt, batch, self.config.direction)
-            loss = -terms.elbo_per_row(annealing).sum() * (world_size / tokens)
-            if self.config.aux_weight > 0:
-                aux = auxiliary_losses(terms, batch, skip)
-                init, pairs = aux_counts(batch, skip)
-                local_tokens = terms.mask.sum()
-                aux_loss = (
-                    aux["init"] * (init / init_total)
-                    + aux["prior"] * (local_tokens / tokens)
-                    + aux["skip"] * (pairs / skip_total)
-                )
-                loss = loss + self.config.aux_weight * world_size * aux_loss
-        return loss, terms.elbo_per_row().sum().detach(), terms.x.detach()
+        return svi_loss(self.vmt, batch, self.config, annealing, skip, LossTotals.of(totals, world_size))
 
 
 class DistributedTrainer:
@@ -405,9 +377,7 @@ class DistributedTrainer:
 
     # -- one step -------------------------------------------------------------------------
     def _reseed(self, step: int, rank: int) -> None:
-        seed = step_seed(self.config.seed, step, rank)
-        self.generator.manual_seed(seed)
-        torch.manual_seed(seed ^ 0x5DEECE66D)
+        reseed(self.generator, self.config.seed, step, rank)
 
     def _draw_skip(self) -> int | None:
         if self.config.max_skip < 2:
@@ -449,6 +419,13 @@ class DistributedTrainer:
             dist.all_reduce(values)
         return values.cpu()
 
+    def _global_sums(self, result: LossResult, out: list) -> float:
+        """All-reduce this rank's loss and ELBO sum (appended to ``out``); their sum, which
+        every rank checks alike (a non-finite value on any rank stops all of them)."""
+        stats = self._all_reduce(torch.stack([result.loss.detach().double().cpu(), result.elbo_sum.double().cpu()]))
+        out.append(stats)
+        return float(stats.sum())
+
     def train_step(self, annealing: float) -> dict:
         """One optimiser step; returns global ``tokens``, ``elbo_per_token``, ``elbo_sum`` and
         ``loss``."""
@@ -461,22 +438,13 @@ class DistributedTrainer:
         init, pairs = aux_counts(batch, skip)
         counts = torch.tensor([int(batch.mask().sum()), init, pairs], dtype=torch.int64)
         totals = self._all_reduce(counts)
-        loss, elbo_sum, x = self.model(batch, annealing, skip, totals, self.world_size)
-        self.optimizer.zero_grad()
-        loss.backward()
-        stats = self._all_reduce(
-            torch.stack([loss.detach().double().cpu(), elbo_sum.double().cpu()])
-        )
-        if not all(math.isfinite(v) for v in stats.tolist()):
-            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_norm)
-        if not math.isfinite(float(norm)):
-            raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
-        for group in self.optimizer.param_groups:
-            group["lr"] = c.learning_rate_at(self.step)
-        self.optimizer.step()
+        result = self.model(batch, annealing, skip, totals, self.world_size)
+        sums: list[torch.Tensor] = []
+        optimiser_step(self.vmt, self.optimizer, result.loss, c, self.step,
+                       lambda: self._global_sums(result, sums))
+        stats = sums[0]
         if window is not None:
-            self.cursor.carry(window, x)
+            self.cursor.carry(window, result.terms.x.detach())
         self.step += 1
         tokens = int(totals[0])
         # the per-rank losses sum to W times the global loss (DDP averages their gradients)

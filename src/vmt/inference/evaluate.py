@@ -50,7 +50,14 @@ import torch
 
 from vmt.inference.elbo import elbo_terms
 from vmt.inference.subsequences import FeatureLookup
-from vmt.inference.windows import DocumentStreams, batch_to
+from vmt.inference.windows import (
+    DocumentStreams,
+    Window,
+    attach_carried,
+    batch_to,
+    continuing_states,
+)
+from vmt.models.batch import ChainBatch
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 EXPLAINED_THRESHOLD = 0.1
@@ -83,13 +90,18 @@ class EvalResult:
     float64 rounding). Fields that need at least two particles (the explained variance, the
     prior-variance fraction, the active units) are ``None`` with one particle; the
     per-dimension tuples are then empty. See the module docstring for the definitions.
+
+    Both bounds are negatives, upper bounds on the NLL: ``neg_elbo_per_token`` is
+    ``-ELBO / tokens`` and ``neg_iwae_per_token`` is ``-IWAE_k / tokens`` (so
+    ``neg_iwae_per_token <= neg_elbo_per_token``); ``iwae_per_token`` is the older name of
+    the latter, kept as an alias.
     """
 
     tokens: int
     documents: int
     particles: int
     neg_elbo_per_token: float
-    iwae_per_token: float
+    neg_iwae_per_token: float
     reconstruction_per_token: float = math.nan
     kl_per_token: float = math.nan
     oov_per_token: float = 0.0
@@ -110,9 +122,15 @@ class EvalResult:
     per_document: tuple[DocumentBound, ...] = ()
 
     @property
+    def iwae_per_token(self) -> float:
+        """Deprecated name of :attr:`neg_iwae_per_token` (``-IWAE_k / tokens``, a negative
+        bound despite the name)."""
+        return self.neg_iwae_per_token
+
+    @property
     def perplexity_bound(self) -> float:
         """``exp(-IWAE_k / tokens)``: an upper bound on the perplexity."""
-        return math.exp(self.iwae_per_token)
+        return math.exp(self.neg_iwae_per_token)
 
     def summary(self) -> str:
         """A few lines for reports: the split of the bound and the state's use of the text."""
@@ -214,6 +232,99 @@ def _nce_terms(vmt, x: torch.Tensor, y: torch.Tensor, max_elements: int = 2**22)
     return float((positive - torch.logsumexp(scores, 0) + math.log(n)).sum())
 
 
+class _Bounds:
+    """The running sums of :func:`evaluate`: per document being read, its ``(particles,)``
+    log-weights, token penalty and carried ``(particles, state)`` states (dropped when it
+    ends, so at most one entry per stream), and the finished documents' totals."""
+
+    def __init__(self, lengths: Sequence[int], particles: int) -> None:
+        self.lengths, self.particles = lengths, particles
+        self.logw: dict[int, torch.Tensor] = {}
+        self.penalty: dict[int, float] = {}
+        self.carried: dict[int, torch.Tensor] = {}
+        self.finished: list[DocumentBound] = []
+        self.recon = self.kl = 0.0
+
+    def add_penalty(self, win: Window, token_penalty: torch.Tensor) -> None:
+        """Add the token penalty of each row's observed tokens to its document's."""
+        cpu = win.batch
+        pen = token_penalty[cpu.obs.to(token_penalty.device)].double()  # (batch, time)
+        pen = torch.where(cpu.mask().to(pen.device), pen, torch.zeros_like(pen)).sum(-1)
+        for r, d in enumerate(win.documents):
+            self.penalty[d] = self.penalty.get(d, 0.0) + float(pen[r])
+
+    def add(self, win: Window, terms, rows: int) -> None:
+        """Add a window's ELBO terms (``rows * particles`` rows) and carry its last states."""
+        k = self.particles
+        lik = terms.log_lik.double().sum(-1).view(rows, k)
+        gap = (terms.log_guide.double() - terms.log_latent.double()).sum(-1).view(rows, k)
+        self.recon -= float(lik.mean(1).sum())
+        self.kl += float(gap.mean(1).sum())
+        w = lik - gap  # (batch, particles) log-weights of the window
+        last = terms.x[:, -1].view(rows, k, -1)  # (batch, particles, state)
+        self.carried = continuing_states(win, last, self.lengths)
+        for r, d in enumerate(win.documents):
+            self.logw[d] = self.logw.get(d, w.new_zeros(k)) + w[r]
+            if d not in self.carried:  # the document ends in this window: keep its totals only
+                self.finish(d)
+
+    def finish(self, d: int) -> None:
+        v = self.logw.pop(d)
+        oov = self.penalty.pop(d, 0.0)
+        self.finished.append(DocumentBound(
+            index=d, tokens=self.lengths[d], neg_elbo=-float(v.mean()) + oov,
+            neg_iwae=-(float(torch.logsumexp(v, 0)) - math.log(self.particles)) + oov, oov=oov,
+        ))
+
+
+class _Diagnostics:
+    """The running sums of the state diagnostics: moments, InfoNCE terms, token counts."""
+
+    def __init__(self, vmt, particles: int) -> None:
+        self.vmt, self.particles = vmt, particles
+        self.moments = _Moments()
+        self.counts: torch.Tensor | None = None
+        self.nce = 0.0
+
+    def add(self, x: torch.Tensor, b: ChainBatch, mask: torch.Tensor) -> None:
+        """``x``: ``(batch, particles, time, state)``; ``b`` the window's batch, ``mask``
+        ``(batch, time)``."""
+        if self.particles > 1:
+            self.moments.add(x, mask)
+        self.nce += _nce_terms(self.vmt, x[:, 0][mask], b.obs[mask])
+        if not b.obs.is_floating_point():
+            seen = torch.bincount(b.obs[mask].flatten().cpu(), minlength=self.vmt.config.obs_dim)
+            self.counts = seen if self.counts is None else self.counts + seen[: self.counts.numel()]
+
+    def fields(self, tokens: int, recon: float) -> dict:
+        """The :class:`EvalResult` fields of the diagnostics."""
+        out: dict = {"mutual_information_nce": self.nce / tokens}
+        if self.counts is not None:
+            p = self.counts.double() / self.counts.sum()
+            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+            out["token_entropy"] = entropy
+            out["mutual_information"] = entropy - recon / tokens
+        if self.particles > 1 and self.moments.count > 1:
+            between, within = self.moments.between_within(self.particles)
+            explained = between / (between + within).clamp(min=1e-300)
+            prior_var = prior_marginal_variance(self.vmt).to(between)
+            fraction = between / prior_var
+            out.update(
+                explained_variance_max=float(explained.max()),
+                explained_variance_mean=float(explained.mean()),
+                explained_dims=int((explained > EXPLAINED_THRESHOLD).sum()),
+                prior_variance_fraction_max=float(fraction.max()),
+                prior_variance_fraction_mean=float(fraction.mean()),
+                active_units=int((between > ACTIVE_UNIT_THRESHOLD).sum()),
+                explained_variance=tuple(explained.tolist()),
+                prior_variance_fraction=tuple(fraction.tolist()),
+                posterior_mean_variance=tuple(between.tolist()),
+                posterior_variance=tuple(within.tolist()),
+                prior_variance=tuple(prior_var.tolist()),
+            )
+        return out
+
+
 @torch.no_grad()
 def evaluate(
     vmt,
@@ -253,70 +364,23 @@ def evaluate(
     vmt.eval()
     device = next(vmt.parameters()).device
     reader = DocumentStreams(documents, streams, window, features)
-    lengths = reader.lengths
-    # running sums of the documents being read (dropped when a document ends)
-    logw: dict[int, torch.Tensor] = {}
-    carried: dict[int, torch.Tensor] = {}
-    doc_penalty: dict[int, float] = {}
-    finished: list[DocumentBound] = []
+    bounds = _Bounds(reader.lengths, particles)
+    diag = _Diagnostics(vmt, particles)
     tokens = 0
-    penalty = recon = kl = 0.0
-    moments = _Moments()
-    counts: torch.Tensor | None = None
-    nce = 0.0
     for win in reader:
         b = batch_to(win.batch, device)
         rows, steps = b.num_rows, b.num_steps
-        mask = b.mask()
+        mask = b.mask()  # (batch, time)
         if token_penalty is not None:
-            cpu = win.batch
-            pen = token_penalty[cpu.obs.to(token_penalty.device)].double()
-            pen = torch.where(cpu.mask().to(pen.device), pen, torch.zeros_like(pen)).sum(-1)
-            for r, d in enumerate(win.documents):
-                doc_penalty[d] = doc_penalty.get(d, 0.0) + float(pen[r])
-        idx = torch.arange(rows, device=device).repeat_interleave(particles)
-        batch = b.with_(
-            obs=b.obs[idx], start=b.start[idx], end=b.end[idx], source=idx,
-            carried=b.carried[idx] if b.carried is not None else None,
-        )
-        if bool(batch.carried_rows().any()):
-            x0 = next(iter(carried.values())).new_zeros(rows * particles, vmt.config.state_dim)
-            for r, d in enumerate(win.documents):
-                if win.offsets[r] > 0:
-                    x0[r * particles : (r + 1) * particles] = carried[d]
-            batch = batch.with_(x0=x0)
-        else:
-            batch = batch.with_(carried=None)
+            bounds.add_penalty(win, token_penalty)
+        # every row repeated per particle, each particle continuing its own carried state
+        batch = batch_to(attach_carried(win, bounds.carried, vmt.config.state_dim, particles), device)
         terms = elbo_terms(vmt, batch)
-        lik = terms.log_lik.double().sum(-1).view(rows, particles)
-        gap = (terms.log_guide.double() - terms.log_latent.double()).sum(-1).view(rows, particles)
-        recon -= float(lik.mean(1).sum())
-        kl += float(gap.mean(1).sum())
-        w = lik - gap
-        last = terms.x[:, -1].view(rows, particles, -1)
-        for r, d in enumerate(win.documents):
-            logw[d] = logw.get(d, w.new_zeros(particles)) + w[r]
-            if win.offsets[r] + steps < lengths[d]:
-                carried[d] = last[r]
-            else:  # the document ends in this window: keep its totals only
-                carried.pop(d, None)
-                v = logw.pop(d)
-                oov = doc_penalty.pop(d, 0.0)
-                finished.append(DocumentBound(
-                    index=d, tokens=lengths[d], neg_elbo=-float(v.mean()) + oov,
-                    neg_iwae=-(float(torch.logsumexp(v, 0)) - math.log(particles)) + oov, oov=oov,
-                ))
+        bounds.add(win, terms, rows)
         tokens += int(mask.sum())
         if diagnostics:
-            x = terms.x.view(rows, particles, steps, -1)
-            if particles > 1:
-                moments.add(x, mask)
-            nce += _nce_terms(vmt, x[:, 0][mask], b.obs[mask])
-            if not b.obs.is_floating_point():
-                seen = torch.bincount(b.obs[mask].flatten().cpu(), minlength=vmt.config.obs_dim)
-                counts = seen if counts is None else counts + seen[: counts.numel()]
-    penalty = sum(doc.oov for doc in finished)
-    finished.sort(key=lambda doc: doc.index)
+            diag.add(terms.x.view(rows, particles, steps, -1), b, mask)
+    finished = sorted(bounds.finished, key=lambda doc: doc.index)
     neg_elbo = sum(doc.neg_elbo for doc in finished)
     neg_iwae = sum(doc.neg_iwae for doc in finished)
     out = dict(
@@ -324,35 +388,12 @@ def evaluate(
         documents=len(finished),
         particles=particles,
         neg_elbo_per_token=neg_elbo / tokens,
-        iwae_per_token=neg_iwae / tokens,
-        reconstruction_per_token=recon / tokens,
-        kl_per_token=kl / tokens,
-        oov_per_token=penalty / tokens,
+        neg_iwae_per_token=neg_iwae / tokens,
+        reconstruction_per_token=bounds.recon / tokens,
+        kl_per_token=bounds.kl / tokens,
+        oov_per_token=sum(doc.oov for doc in bounds.finished) / tokens,
         per_document=tuple(finished),
     )
     if diagnostics:
-        out["mutual_information_nce"] = nce / tokens
-        if counts is not None:
-            p = counts.double() / counts.sum()
-            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-            out["token_entropy"] = entropy
-            out["mutual_information"] = entropy - recon / tokens
-        if particles > 1 and moments.count > 1:
-            between, within = moments.between_within(particles)
-            explained = between / (between + within).clamp(min=1e-300)
-            prior_var = prior_marginal_variance(vmt).to(between)
-            fraction = between / prior_var
-            out.update(
-                explained_variance_max=float(explained.max()),
-                explained_variance_mean=float(explained.mean()),
-                explained_dims=int((explained > EXPLAINED_THRESHOLD).sum()),
-                prior_variance_fraction_max=float(fraction.max()),
-                prior_variance_fraction_mean=float(fraction.mean()),
-                active_units=int((between > ACTIVE_UNIT_THRESHOLD).sum()),
-                explained_variance=tuple(explained.tolist()),
-                prior_variance_fraction=tuple(fraction.tolist()),
-                posterior_mean_variance=tuple(between.tolist()),
-                posterior_variance=tuple(within.tolist()),
-                prior_variance=tuple(prior_var.tolist()),
-            )
+        out.update(diag.fields(tokens, bounds.recon))
     return EvalResult(**out)

@@ -208,6 +208,148 @@ def _window_context(
     return net.context(feats, ahead)[0]
 
 
+class _Reading:
+    """The running state of one :func:`read`: the last state, the ELBO sums and the counts.
+
+    ``log_lik``, ``log_latent``, ``log_guide`` are ``(samples,)``; ``path`` is
+    ``(samples, time, state)`` or ``None``.
+    """
+
+    def __init__(self, vmt, tokens: torch.Tensor, samples: int, x0: torch.Tensor | None, keep_path: bool):
+        c = vmt.config
+        param = next(vmt.parameters())
+        dtype, device = param.dtype, param.device
+        zeros = torch.zeros(samples, dtype=dtype, device=device)
+        self.vmt, self.tokens, self.samples = vmt, tokens, samples
+        self.categorical = c.emits_tokens
+        self.log_lik, self.log_latent, self.log_guide = zeros.clone(), zeros.clone(), zeros.clone()
+        self.path = (torch.full((samples, tokens.shape[0], c.state_dim), float("nan"), dtype=dtype, device=device)
+                     if keep_path else None)
+        self.x_prev, self.last = x0, -1
+        self.scored = self.windows = self.sampled_only = 0
+
+    def emission_log_prob(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """``(samples,)`` ``log p(y_k | x)`` for ``x (samples, state)``."""
+        y = self.tokens[k]
+        rows = y.expand(self.samples) if self.categorical else y.expand(self.samples, -1)
+        return self.vmt.emission.log_prob(x, rows)
+
+    def score(self, x: torch.Tensor, k: int, latent_lp: torch.Tensor, guide_lp: torch.Tensor) -> None:
+        """Add position ``k``'s three terms to the running sums."""
+        self.log_lik += self.emission_log_prob(x, k)
+        self.log_latent += latent_lp
+        self.log_guide += guide_lp
+        self.scored += 1
+
+    def keep(self, x: torch.Tensor, k: int) -> None:
+        """``x (samples, state)`` becomes the state at position ``k``."""
+        if self.path is not None:
+            self.path[:, k] = x
+        self.x_prev, self.last = x, k
+
+    def result(self) -> ReadResult:
+        return ReadResult(
+            state=self.x_prev, position=self.last, tokens_read=self.tokens.shape[0], log_lik=self.log_lik,
+            log_latent=self.log_latent, log_guide=self.log_guide, scored=self.scored, path=self.path,
+            windows=self.windows, skipped_to=self.sampled_only,
+        )
+
+
+def _checked_x0(x0: torch.Tensor | None, samples: int, state_dim: int) -> torch.Tensor | None:
+    """``x0`` as ``(samples, state)`` (``None`` stays ``None``)."""
+    if x0 is None:
+        return None
+    x0 = x0.expand(samples, -1) if x0.dim() == 1 else x0
+    if x0.shape != (samples, state_dim):
+        raise ValueError(f"x0 must be ({samples}, {state_dim}) or ({state_dim},), got {tuple(x0.shape)}")
+    return x0
+
+
+def _jump(reading: _Reading, reverse_net: GuideNet, features: FeatureFn, feature_tokens: torch.Tensor,
+          window: int) -> int:
+    """Draw the state at the end of the first window from ``q_r(x_m | h_m)`` on a forward
+    reading of it; returns the number of positions jumped over (``m``)."""
+    tokens = reading.tokens
+    first = feature_tokens[: min(window, tokens.shape[0])]
+    m = first.shape[0]
+    fwd = features(first[None], torch.tensor([m], device=first.device))  # (1, m, feature)
+    # h_m summarises y_1 .. y_m; the reverse guide reads the reversed window, whose first
+    # position is y_m with m tokens ahead
+    ahead = torch.tensor([[m]], device=fwd.device)
+    if getattr(reverse_net, "reads_tokens", False):
+        ctx = reverse_net.context(fwd[:, -1:], ahead, tokens=tokens[m - 1 : m][None])[0, 0]
+    else:
+        ctx = reverse_net.context(fwd[:, -1:], ahead)[0, 0]
+    loc, scale, combined = reverse_net.first_params(ctx.expand(reading.samples, -1))
+    reading.keep(_gaussian(reverse_net, loc, scale, combined).sample(), m - 1)
+    reading.windows = 1
+    return m
+
+
+def _first_state(reading: _Reading, net: GuideNet, ctx_k: torch.Tensor, k: int, prior, score: bool) -> None:
+    """Sample ``x_k ~ q(x_1 | h_k, T)`` from the guide context ``ctx_k (hidden,)``; scored
+    against the prior."""
+    loc, scale, combined = net.first_params(ctx_k.expand(reading.samples, -1))
+    q = _gaussian(net, loc, scale, combined)
+    x = q.sample()
+    if score:
+        reading.score(x, k, prior.log_prob(x), q.log_prob(x))
+    reading.keep(x, k)
+
+
+def _next_state(reading: _Reading, net: GuideNet, transition, ctx: torch.Tensor, step_ctx: torch.Tensor,
+                pos: int, k: int, skip: int, score: bool) -> None:
+    """Sample ``x_k`` from the previous state ``k - last`` positions back with the (skip)
+    guide; ``ctx (time, hidden)`` and ``step_ctx`` (its skip context for ``skip``) belong to the
+    window starting at ``pos``."""
+    step = k - reading.last
+    samples = reading.samples
+    # the skip guide conditions on h at the position after the previous state
+    # (the start of this window when that position lies in an earlier one)
+    h_pos = max(reading.last + 1 - pos, 0)
+    if step == skip:
+        skip_ctx = step_ctx[h_pos].expand(samples, -1)
+    else:
+        skip_ctx = net.skip_context(ctx[h_pos].expand(samples, -1), step)
+    if step > 1:
+        skip_ctx = net.with_target(skip_ctx, ctx[k - pos].expand(samples, -1))
+    x_prev = reading.x_prev
+    loc, scale, combined = net.step_params(x_prev, skip_ctx, skip=step)
+    q = _gaussian(net, loc, scale, combined)
+    x = q.sample()
+    if step > 1:
+        reading.sampled_only += 1
+        if score:
+            # no closed-form t-step transition density: only the emission is scored
+            reading.log_lik += reading.emission_log_prob(x, k)
+    elif score:
+        reading.score(x, k, _transition(transition, x_prev).log_prob(x), q.log_prob(x))
+    reading.keep(x, k)
+
+
+def _read_window(reading: _Reading, net: GuideNet, transition, prior, feature_fn: FeatureFn,
+                 feature_tokens: torch.Tensor, pos: int, config: ReadConfig) -> int:
+    """Encode the window starting at ``pos`` and sample the states of its first half (all of
+    it when it is the last window); returns how many positions it advanced."""
+    tokens, n, w, t = reading.tokens, reading.tokens.shape[0], config.window, config.skip
+    ctx = _window_context(net, feature_fn, feature_tokens[pos : pos + w], tokens[pos : pos + w])
+    step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per window
+    reading.windows += 1
+    final = pos + w >= n
+    advance = n - pos if final else w // 2
+    # positions to sample inside [pos, pos + advance); a skip read ends exactly at n - 1
+    while True:
+        k = pos if reading.x_prev is None else reading.last + t
+        if final and reading.x_prev is not None and reading.last < n - 1 < k:
+            k = n - 1
+        if k >= pos + advance:
+            return advance
+        if reading.x_prev is None:
+            _first_state(reading, net, ctx[k - pos], k, prior, config.score)
+        else:
+            _next_state(reading, net, transition, ctx, step_ctx, pos, k, t, config.score)
+
+
 @torch.no_grad()
 def read(
     vmt,
@@ -245,8 +387,7 @@ def read(
     """
     config = config or ReadConfig()
     c = vmt.config
-    categorical = c.emits_tokens
-    _check_input(tokens, c.obs_dim, categorical)
+    _check_input(tokens, c.obs_dim, c.emits_tokens)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if feature_tokens is None:
@@ -265,101 +406,19 @@ def read(
         if x0 is not None:
             raise ValueError("the jump starts a read; it cannot continue from a carried x0")
         reverse_net = vmt.guide_net_for("reverse")  # raises without reverse networks
-    if x0 is not None:
-        x0 = x0.expand(samples, -1) if x0.dim() == 1 else x0
-        if x0.shape != (samples, c.state_dim):
-            raise ValueError(f"x0 must be ({samples}, {c.state_dim}) or ({c.state_dim},), got {tuple(x0.shape)}")
-    n, w, t = tokens.shape[0], config.window, config.skip
-    param = next(vmt.parameters())
-    dtype, device = param.dtype, param.device
-    zeros = torch.zeros(samples, dtype=dtype, device=device)
-    log_lik, log_latent, log_guide = zeros.clone(), zeros.clone(), zeros.clone()
-    path = (torch.full((samples, n, c.state_dim), float("nan"), dtype=dtype, device=device)
-            if config.keep_path else None)
+    reading = _Reading(vmt, tokens, samples, _checked_x0(x0, samples, c.state_dim), config.keep_path)
     prior = vmt.prior.distribution()
-    x_prev, last, scored, windows, sampled_only = x0, -1, 0, 0, 0
-
-    def rows_of(y: torch.Tensor) -> torch.Tensor:
-        return y.expand(samples) if categorical else y.expand(samples, -1)
-
-    def score(x, y, latent_lp, guide_lp):
-        nonlocal log_lik, log_latent, log_guide
-        log_lik += vmt.emission.log_prob(x, rows_of(y))
-        log_latent += latent_lp
-        log_guide += guide_lp
-
-    pos = 0
+    n, pos = tokens.shape[0], 0
     bar = tqdm(total=n, unit="tok", desc="reading", disable=not progress, leave=False)
     if config.jump:
-        first = feature_tokens[: min(w, n)]
-        m = first.shape[0]
-        fwd = (jump_features or flipped(feature_fn))(first[None], torch.tensor([m], device=first.device))
-        # h_m summarises y_1 .. y_m; the reverse guide reads the reversed window, whose first
-        # position is y_m with m tokens ahead
-        ahead = torch.tensor([[m]], device=fwd.device)
-        if getattr(reverse_net, "reads_tokens", False):
-            ctx = reverse_net.context(fwd[:, -1:], ahead, tokens=tokens[m - 1 : m][None])[0, 0]
-        else:
-            ctx = reverse_net.context(fwd[:, -1:], ahead)[0, 0]
-        loc, scale, combined = reverse_net.first_params(ctx.expand(samples, -1))
-        x_prev = _gaussian(reverse_net, loc, scale, combined).sample()
-        last, windows, pos = m - 1, 1, m
-        bar.update(m)
-        if path is not None:
-            path[:, last] = x_prev
+        pos = _jump(reading, reverse_net, jump_features or flipped(feature_fn), feature_tokens, config.window)
+        bar.update(pos)
     while pos < n:
-        ctx = _window_context(net, feature_fn, feature_tokens[pos : pos + w], tokens[pos : pos + w])
-        step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per window
-        windows += 1
-        final = pos + w >= n
-        advance = n - pos if final else w // 2
-        # positions to sample inside [pos, pos + advance); a skip read ends exactly at n - 1
-        while True:
-            k = pos if x_prev is None else last + t
-            if final and x_prev is not None and last < n - 1 < k:
-                k = n - 1
-            if k >= pos + advance:
-                break
-            if x_prev is None:
-                loc, scale, combined = net.first_params(ctx[k - pos].expand(samples, -1))
-                q = _gaussian(net, loc, scale, combined)
-                x = q.sample()
-                if config.score:
-                    score(x, tokens[k], prior.log_prob(x), q.log_prob(x))
-                    scored += 1
-            else:
-                step = k - last
-                # the skip guide conditions on h at the position after the previous state
-                # (the start of this window when that position lies in an earlier one)
-                h_pos = max(last + 1 - pos, 0)
-                if step == t:
-                    skip_ctx = step_ctx[h_pos].expand(samples, -1)
-                else:
-                    skip_ctx = net.skip_context(ctx[h_pos].expand(samples, -1), step)
-                if step > 1:
-                    skip_ctx = net.with_target(skip_ctx, ctx[k - pos].expand(samples, -1))
-                loc, scale, combined = net.step_params(x_prev, skip_ctx, skip=step)
-                q = _gaussian(net, loc, scale, combined)
-                x = q.sample()
-                if step > 1:
-                    sampled_only += 1
-                    if config.score:
-                        # no closed-form t-step transition density: only the emission is scored
-                        log_lik += vmt.emission.log_prob(x, rows_of(tokens[k]))
-                elif config.score:
-                    score(x, tokens[k], _transition(transition, x_prev).log_prob(x), q.log_prob(x))
-                    scored += 1
-            if path is not None:
-                path[:, k] = x
-            x_prev, last = x, k
+        advance = _read_window(reading, net, transition, prior, feature_fn, feature_tokens, pos, config)
         pos += advance
         bar.update(advance)
     bar.close()
-    return ReadResult(
-        state=x_prev, position=last, tokens_read=n, log_lik=log_lik, log_latent=log_latent,
-        log_guide=log_guide, scored=scored, path=path, windows=windows,
-        skipped_to=sampled_only,
-    )
+    return reading.result()
 
 
 def continuation_cost(

@@ -49,8 +49,8 @@ from vmt.checkpoint import (
     save_checkpoint,
 )
 from vmt.config_fields import config_from_dict
-from vmt.encoders.teacher import TeacherTargets, soft_cross_entropy
-from vmt.inference.elbo import auxiliary_losses, elbo_terms
+from vmt.encoders.teacher import TeacherTargets
+from vmt.inference.objective import LossResult, NonFiniteLoss, optimiser_step, reseed, svi_loss
 from vmt.inference.subsequences import (
     Curriculum,
     FeatureLookup,
@@ -187,10 +187,6 @@ class TrainResult:
         return self.stopped in ("completed", "interrupted")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 class Trainer:
     """Runs SVI on a VMT.
 
@@ -205,6 +201,16 @@ class Trainer:
             (:class:`~vmt.encoders.teacher.TeacherTargets`), needed when
             ``config.distill_weight > 0``: the loss then adds ``distill_weight`` times the
             cross-entropy of the VMT's next-token predictive against them (teacher-forced).
+        reseed_every_step: seed the sampler generator and the global RNG of every device from
+            ``(seed, step, 0)`` before each step, as
+            :class:`vmt.inference.distributed.DistributedTrainer` does (then this trainer and a
+            one-rank distributed run take the same steps). Default: one generator seeded with
+            ``config.seed`` and the global RNG as the caller left it, both continuing from step
+            to step (saved in checkpoints, with the CUDA generator of the model's device when
+            it is on one, so a resume repeats the uninterrupted run).
+
+    The loss is :func:`vmt.inference.objective.svi_loss` (this batch alone) and the step
+    :func:`vmt.inference.objective.optimiser_step`, both shared with the distributed trainer.
     """
 
     def __init__(
@@ -216,6 +222,7 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         meta: dict | None = None,
         teacher: TeacherTargets | None = None,
+        reseed_every_step: bool = False,
     ):
         if features is None and vmt.reader is None:
             raise ValueError("give cached features or a VMT with a trainable reader")
@@ -229,6 +236,7 @@ class Trainer:
             if len(teacher) != len(documents):
                 raise ValueError(f"teacher targets cover {len(teacher)} documents, training has {len(documents)}")
         self.teacher = teacher
+        self.reseed_every_step = reseed_every_step
         self.vmt = vmt
         self.documents = list(documents)
         self.config = config
@@ -256,6 +264,9 @@ class Trainer:
             "rng.torch": torch.get_rng_state(),
             "rng.sampler": self.generator.get_state(),
         }
+        device = self._device()
+        if device.type == "cuda":  # the guide's noise on a GPU comes from its own generator
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
         if self.cursor is not None:
             tensors.update({f"carried.{d}": x.cpu() for d, x in self.cursor.carried.items()})
         meta = {
@@ -306,6 +317,9 @@ class Trainer:
                              "states); it cannot be resumed, pass --restart")
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         self.generator.set_state(ckpt.tensors["rng.sampler"])
+        device = self._device()
+        if device.type == "cuda" and "rng.cuda" in ckpt.tensors:
+            torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], device)
         if self.cursor is not None:
             carried = {int(k.split(".", 1)[1]): v.to(self._device())
                        for k, v in ckpt.tensors.items() if k.startswith("carried.")}
@@ -329,41 +343,32 @@ class Trainer:
         with sharing_scores(self.vmt):  # the ELBO and the distillation share the token scores
             return self._loss(annealing)
 
-    def _loss(self, annealing: float):
+    def _loss(self, annealing: float) -> tuple[LossResult, object]:
+        """The step's batch and its :func:`vmt.inference.objective.svi_loss` (this batch
+        alone), and the window it read (windows regime; else ``None``)."""
         c = self.config
+        if self.reseed_every_step:
+            reseed(self.generator, c.seed, self.step, 0)
+        teacher = None
         if c.regime == "subsequence":
             base = self.sampler.sample(c.batch_size, self.curriculum.length_at(self.step))
             batch = suffix_parallel_batch(base, c.budget, min(c.min_length, int(base.end.max()))) if c.suffix_parallel else base
-            batch = batch_to(batch, self._device())
-            terms = elbo_terms(self.vmt, batch, c.direction)
-            lengths = terms.tokens_per_row().to(terms.x.dtype)
-            loss = -terms.elbo_per_row(annealing).mean() / lengths.mean()
             window = None
         else:
             window = self.cursor.next_window()
             batch = attach_carried(window, self.cursor.carried, self.vmt.config.state_dim)
-            batch = batch_to(batch, self._device())
-            terms = elbo_terms(self.vmt, batch, c.direction)
-            loss = -terms.elbo_per_row(annealing).sum() / terms.mask.sum()
             if c.distill_weight > 0:
-                ids, probs = self.teacher.window(window.documents, window.offsets, batch.num_steps)
-                log_probs = self.vmt.emission.predictive_log_probs(terms.x)
-                ce = soft_cross_entropy(log_probs, ids.to(log_probs.device), probs.to(log_probs.device),
-                                        terms.mask)
-                loss = loss + c.distill_weight * ce
-        if c.aux_weight > 0:
-            aux = auxiliary_losses(terms, batch, self._skip())
-            loss = loss + c.aux_weight * (aux["init"] + aux["prior"] + aux["skip"])
-        elbo = float(terms.elbo_per_row().sum().detach()) / float(terms.mask.sum())
-        return loss, elbo, int(terms.mask.sum()), terms, window
+                teacher = self.teacher.window(window.documents, window.offsets, batch.num_steps)
+        batch = batch_to(batch, self._device())
+        skip = self._skip() if c.aux_weight > 0 else None  # after the batch, same generator
+        return svi_loss(self.vmt, batch, c, annealing, skip, teacher=teacher), window
 
     # -- one step and the loop --------------------------------------------------------------
     def train_step(self, annealing: float) -> dict:
         """One optimiser step; returns ``tokens``, ``elbo_per_token``, ``loss`` and the split of
         the negative ELBO, ``reconstruction_per_token`` and ``kl_per_token``."""
-        c = self.config
         try:
-            loss, elbo, tokens, terms, window = self.loss(annealing)
+            result, window = self.loss(annealing)
         except ValueError as err:
             if "to satisfy the constraint" not in str(err):
                 raise
@@ -371,37 +376,17 @@ class Trainer:
             # out-of-range) distribution parameters, i.e. the model diverged
             raise NonFiniteLoss(f"invalid distribution parameters at step {self.step + 1} "
                                 f"({str(err).splitlines()[0][:120]})") from err
-        if not math.isfinite(float(loss.detach())):
-            raise NonFiniteLoss(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}")
-        self.optimizer.zero_grad()
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, c.clip_norm if c.clip_norm is not None else math.inf)
-        if not math.isfinite(float(norm)):
-            raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
-        for group in self.optimizer.param_groups:
-            group["lr"] = c.learning_rate_at(self.step)
-        self.optimizer.step()
-        check_finite_parameters(self.vmt, self.step + 1)
+        optimiser_step(self.vmt, self.optimizer, result.loss, self.config, self.step)
         if window is not None:
-            self.cursor.carry(window, terms.x)
+            self.cursor.carry(window, result.terms.x)
         self.step += 1
-        with torch.no_grad():
-            recon = -float(terms.log_lik.sum()) / tokens
-            kl = float((terms.log_guide - terms.log_latent).sum()) / tokens
-        return {"tokens": tokens, "elbo_per_token": elbo, "loss": float(loss.detach()),
-                "reconstruction_per_token": recon, "kl_per_token": kl}
+        recon, kl = result.split_per_token()
+        return {"tokens": result.tokens, "elbo_per_token": result.elbo_per_token,
+                "loss": float(result.loss.detach()), "reconstruction_per_token": recon, "kl_per_token": kl}
 
     def fit(self, progress: bool = True) -> TrainResult:
         """Train to ``config.steps`` (:func:`run_steps`)."""
         return run_steps(self, progress)
-
-
-def check_finite_parameters(vmt, step: int) -> None:
-    """Raise :class:`NonFiniteLoss` naming the first parameter that is not finite."""
-    for name, p in vmt.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise NonFiniteLoss(f"non-finite parameter {name} after step {step}")
 
 
 class _HardInterrupt(KeyboardInterrupt):

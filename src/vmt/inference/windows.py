@@ -129,27 +129,54 @@ class DocumentStreams:
         )
 
 
-def attach_carried(window: Window, carried: dict[int, torch.Tensor], state_dim: int) -> ChainBatch:
+def attach_carried(window: Window, carried: dict[int, torch.Tensor], state_dim: int,
+                   particles: int | None = None) -> ChainBatch:
     """Put the carried states of continuing rows into the window's batch as ``x0``.
 
-    ``x0`` is ``(batch, state)`` on the device and in the dtype of the carried states (which
-    are the model's sampled states); the window's own tensors are not moved (see
-    :func:`batch_to`).
+    Without ``particles`` a carried state is ``(state,)`` and ``x0`` is ``(batch, state)``.
+    With ``particles = k`` a carried state is ``(k, state)`` (one per particle) and every
+    row of the window is repeated ``k`` times (row ``r`` becomes rows ``r * k .. r * k + k - 1``,
+    reading the features of row ``r`` through ``source``), so ``x0`` is ``(batch * k, state)``.
+    ``x0`` is on the device and in the dtype of the carried states (which are the model's
+    sampled states); the window's own tensors are not moved (see :func:`batch_to`).
     """
+    if particles is not None and particles < 1:
+        raise ValueError(f"particles must be >= 1, got {particles}")
     batch = window.batch
+    if particles is not None:
+        idx = torch.arange(batch.num_rows, device=batch.obs.device).repeat_interleave(particles)
+        batch = batch.with_(obs=batch.obs[idx], start=batch.start[idx], end=batch.end[idx], source=idx,
+                            carried=batch.carried[idx] if batch.carried is not None else None)
     if not bool(batch.carried_rows().any()):
         return batch.with_(carried=None)
-    rows = [r for r in range(batch.num_rows) if window.offsets[r] > 0]
+    rows = [r for r in range(window.batch.num_rows) if window.offsets[r] > 0]
     missing = [window.documents[r] for r in rows if window.documents[r] not in carried]
     if missing:
         raise RuntimeError(f"document {missing[0]} continues but no state was carried for it")
     first = carried[window.documents[rows[0]]]
-    if first.shape != (state_dim,):
-        raise ValueError(f"carried states must be ({state_dim},), got {tuple(first.shape)}")
-    x0 = first.new_zeros(batch.num_rows, state_dim)
+    shape = (state_dim,) if particles is None else (particles, state_dim)
+    if first.shape != shape:
+        raise ValueError(f"carried states must be {shape}, got {tuple(first.shape)}")
+    k = particles or 1
+    x0 = first.new_zeros(batch.num_rows, state_dim)  # (batch * k, state)
     for r in rows:
-        x0[r] = carried[window.documents[r]]
+        x0[r * k : (r + 1) * k] = carried[window.documents[r]]
     return batch.with_(x0=x0)
+
+
+def continuing_states(window: Window, last: torch.Tensor, lengths: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The states to carry out of ``window``: ``last[r]`` for each row ``r`` whose document
+    continues into the next window, keyed by document (the others are dropped, so the dict
+    holds at most one entry per stream).
+
+    Args:
+        window: the window just read.
+        last: ``(batch, ...)`` the last state of each row (``(batch, state)``, or
+            ``(batch, particles, state)``).
+        lengths: token count of every document.
+    """
+    steps = window.batch.num_steps
+    return {d: last[r] for r, d in enumerate(window.documents) if window.offsets[r] + steps < lengths[d]}
 
 
 def batch_to(batch: ChainBatch, device: torch.device | str) -> ChainBatch:
@@ -234,10 +261,4 @@ class StreamCursor:
             window: the window just trained on.
             x: ``(batch, time, state)`` the path sampled on it.
         """
-        steps = window.batch.num_steps
-        lengths = self.streams.lengths
-        self.carried = {
-            d: x[r, steps - 1].detach()
-            for r, d in enumerate(window.documents)
-            if window.offsets[r] + steps < lengths[d]
-        }
+        self.carried = continuing_states(window, x[:, -1].detach(), self.streams.lengths)

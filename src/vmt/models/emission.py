@@ -12,6 +12,7 @@ from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import constraints
 
+from vmt.models.parts import check_observations, check_states
 from vmt.models.pyro_module import LocalParamsModule
 
 
@@ -35,6 +36,7 @@ class CategoricalEmission(LocalParamsModule):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(..., state) -> (..., vocab) unnormalised log-probabilities."""
+        check_states(x, self.state_dim, "the categorical emission")
         return self.net(x)
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
@@ -47,6 +49,7 @@ class CategoricalEmission(LocalParamsModule):
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """log p(y | x) for states (..., state) and tokens (...) int64 -> (...) (broadcast)."""
+        check_observations(y, (), "the categorical emission")
         logp = torch.log_softmax(self.logits(x), dim=-1)
         shape = torch.broadcast_shapes(logp.shape[:-1], y.shape)
         if shape != logp.shape[:-1]:
@@ -78,12 +81,17 @@ class BernoulliEmission(LocalParamsModule):
     def __init__(self, state_dim: int, obs_dim: int, hidden: int = 0):
         super().__init__()
         self.obs_shape = (obs_dim,)
+        self.state_dim = state_dim
         self.net = _mlp(state_dim, hidden, obs_dim)
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``p(y | x)`` for ``x (..., state)``: batch shape ``(...)``, event ``(obs,)``."""
+        check_states(x, self.state_dim, "the bernoulli emission")
         return dist.Bernoulli(logits=self.net(x)).to_event(1)
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log p(y | x) for states (..., state) and observations (..., obs) -> (...)."""
+        check_observations(y, self.obs_shape, "the bernoulli emission")
         return self.distribution(x).log_prob(y)
 
 
@@ -93,14 +101,19 @@ class GaussianEmission(LocalParamsModule):
     def __init__(self, state_dim: int, obs_dim: int, hidden: int = 0):
         super().__init__()
         self.obs_shape = (obs_dim,)
+        self.state_dim = state_dim
         self.net = _mlp(state_dim, hidden, obs_dim)
         self.scale = PyroParam(torch.ones(obs_dim), constraint=constraints.positive)
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``p(y | x)`` for ``x (..., state)``: batch shape ``(...)``, event ``(obs,)``."""
+        check_states(x, self.state_dim, "the gaussian emission")
         loc = self.net(x)
         return dist.Normal(loc, self.scale.expand_as(loc)).to_event(1)
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log p(y | x) for states (..., state) and observations (..., obs) -> (...)."""
+        check_observations(y, self.obs_shape, "the gaussian emission")
         return self.distribution(x).log_prob(y)
 
 

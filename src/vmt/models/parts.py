@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.distributions import Distribution
 
-__all__ = ["Emission", "GaussianTransition", "Prior", "Reader", "Transition"]
+__all__ = ["Emission", "GaussianTransition", "Prior", "Reader", "Transition", "check_observations", "check_states"]
 
 
 @runtime_checkable
@@ -65,3 +65,20 @@ class Reader(Protocol):
     hidden_size: int
 
     def __call__(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_states(x: torch.Tensor, state_dim: int, part: str) -> None:
+    """``ValueError`` naming the shape unless ``x`` is ``(..., state_dim)`` states of ``part``."""
+    if x.dim() == 0 or x.shape[-1] != state_dim:
+        raise ValueError(f"{part} needs states (..., {state_dim}), got {tuple(x.shape)}")
+
+
+def check_observations(y: torch.Tensor, obs_shape: tuple[int, ...], part: str) -> None:
+    """``ValueError`` naming the shape unless ``y`` ends in ``obs_shape`` (``()`` for token ids,
+    which must be integers)."""
+    if obs_shape == ():
+        if y.is_floating_point():
+            raise ValueError(f"{part} needs integer token ids (...), got {y.dtype} {tuple(y.shape)}")
+        return
+    if tuple(y.shape[y.dim() - len(obs_shape):]) != obs_shape or y.dim() < len(obs_shape):
+        raise ValueError(f"{part} needs observations (..., {', '.join(map(str, obs_shape))}), got {tuple(y.shape)}")

@@ -15,6 +15,7 @@ from torch.distributions import constraints
 from torch.nn import functional as F
 
 from vmt.models.flows import add_couplings, coupling_transforms
+from vmt.models.parts import check_states
 from vmt.models.pyro_module import LocalParamsModule
 
 
@@ -35,11 +36,14 @@ class GatedTransition(LocalParamsModule):
         self.linear = nn.Linear(state_dim, state_dim)
         self.to_scale = nn.Linear(state_dim, state_dim)
         self.min_scale = min_scale
+        self.state_dim = state_dim
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(state_dim))
             self.linear.bias.zero_()
 
     def loc_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)``, each ``(..., state)``, of ``p(x_{k+1} | x_k = x)`` for ``x (..., state)``."""
+        check_states(x, self.state_dim, "the gated transition")
         gate = torch.sigmoid(self.gate(x))
         proposed = self.proposal(x)
         loc = (1 - gate) * self.linear(x) + gate * proposed
@@ -60,8 +64,11 @@ class LinearGaussianTransition(LocalParamsModule):
         self.bias = nn.Parameter(torch.zeros(state_dim))
         self.scale = PyroParam(torch.full((state_dim,), 0.5), constraint=constraints.positive)
         self.min_scale = min_scale
+        self.state_dim = state_dim
 
     def loc_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)``, each ``(..., state)``, of ``p(x_{k+1} | x_k = x)`` for ``x (..., state)``."""
+        check_states(x, self.state_dim, "the linear transition")
         loc = x @ self.matrix.T + self.bias
         return loc, self.scale.expand_as(loc)
 
