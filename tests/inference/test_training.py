@@ -165,6 +165,20 @@ def test_attach_carried_keeps_the_dtype_and_device_of_the_carried_states(periodi
         attach_carried(second, {d: torch.zeros(3, dtype=torch.float64) for d in carried}, 4)
 
 
+@pytest.mark.parametrize("streams, window", [(1, 5), (3, 8), (4, 3), (8, 64)])
+def test_window_lengths_count_the_windows_of_one_pass_without_reading(streams, window):
+    from vmt.inference.windows import DocumentStreams
+
+    lengths = [7, 1, 20, 13, 13, 2, 0, 31, 9]
+    docs = [torch.arange(n) for n in lengths]
+    walked = DocumentStreams(docs, streams, window)
+    read = [w.batch.num_steps for w in walked]
+    counted = DocumentStreams([torch.zeros(0)] * len(lengths), streams, window, lengths=lengths).window_lengths()
+    assert counted == read
+    assert sum(n * w.batch.num_rows for n, w in zip(read, walked, strict=True)) == sum(lengths)
+    assert max(counted) <= window
+
+
 def test_evaluate_carries_float64_states_of_a_float64_model_exactly(monkeypatch, periodic_documents, small_vmt):
     import vmt.inference.evaluate as evaluation
 

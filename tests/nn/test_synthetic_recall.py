@@ -5,6 +5,8 @@ from vmt.data.synthetic_recall import (
     RecallTaskConfig,
     sample_eval_batch,
     sample_training_batch,
+    single_query,
+    write_answers,
 )
 
 CFG = RecallTaskConfig(n_pairs=3, n_keys=5, n_values=4, n_filler=6)
@@ -60,3 +62,42 @@ def test_bad_arguments():
         sample_eval_batch(CFG, 2, [10, 12], gen)
     with pytest.raises(ValueError, match="query_prob"):
         sample_training_batch(CFG, 2, 20, 0.0, gen)
+
+
+def test_write_answers_puts_each_value_after_its_query():
+    gen = torch.Generator().manual_seed(3)
+    tokens, targets = sample_training_batch(CFG, 40, 60, 0.3, gen)
+    out = write_answers(tokens, targets)
+    assert out.shape == tokens.shape and out.dtype == torch.int64
+    for b in range(40):
+        for t in range(60):
+            if t > 0 and int(targets[b, t - 1]) != -100:
+                assert int(out[b, t]) == int(targets[b, t - 1])  # the answer
+            else:
+                assert int(out[b, t]) == int(tokens[b, t])  # unchanged elsewhere
+    # a query overwritten by an earlier answer is gone; every remaining query is answered
+    for b in range(40):
+        row = out[b].tolist()
+        for t in range(2 * CFG.n_pairs, 59):
+            if CFG.key_offset <= row[t] < CFG.value_offset:
+                assert row[t + 1] >= CFG.value_offset
+
+
+def test_write_answers_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\(4, 5\) and \(4, 6\)"):
+        write_answers(torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, 6, dtype=torch.long))
+
+
+def test_single_query_keeps_one_question_at_its_distance():
+    gen = torch.Generator().manual_seed(1)
+    tokens, targets, qpos = sample_eval_batch(CFG, 20, [10, 20, 40], gen)
+    for b in range(20):
+        for j in range(3):
+            seq = single_query(CFG, tokens[b], qpos[b], j, gen)
+            end = int(qpos[b, j])
+            assert seq.shape == (end + 1,) and int(seq[-1]) == int(tokens[b, end])
+            assert torch.equal(seq[: 2 * CFG.n_pairs], tokens[b, : 2 * CFG.n_pairs])
+            body = seq[2 * CFG.n_pairs : -1]
+            assert bool((body < CFG.n_filler).all())  # no other query before it
+    with pytest.raises(ValueError, match="one of the 3 queries"):
+        single_query(CFG, tokens[0], qpos[0], 3, gen)

@@ -6,6 +6,17 @@ folded model uses 2 local + 2 global) get the same training stream of recall seq
 at each distance ``d`` in {32, 64, 128, 256, 512}. A second part streams a folded model one
 segment at a time over 64k tokens and reports per-token time and process memory at 1k, 4k,
 16k and 64k tokens as ratios to the values at 1k.
+
+A VMT row reads the same training sequences, each once (the same number of sequences seen),
+with every query's answer written after it (:func:`~vmt.data.synthetic_recall.write_answers`:
+a generative model learns to answer from the stream itself). It is the token family (a noisy
+recurrent language model written as a hidden Markov model, :mod:`vmt.models.tokens`) trained in
+the windows regime: windows of ``2l = 32`` tokens, the state carried from window to window and
+detached (truncated backpropagation). It answers a query with its own predictive distribution
+given the state read up to the query (window 32, the state carried across windows; the other
+queries of the evaluation sequence turned to filler, :func:`~vmt.data.synthetic_recall.single_query`),
+the most probable value being its answer. Each model's carried memory at batch 1 is reported
+in bytes beside its accuracy.
 """
 
 from __future__ import annotations
@@ -18,14 +29,20 @@ from pathlib import Path
 
 import torch
 
-from vmt.benchmarks.report import BenchResult, markdown_table
-from vmt.data.synthetic_recall import RecallTaskConfig, sample_eval_batch, sample_training_batch
+from vmt.benchmarks.report import BenchResult, markdown_table, wilson_interval
+from vmt.data.synthetic_recall import (
+    RecallTaskConfig,
+    sample_eval_batch,
+    sample_training_batch,
+    single_query,
+    write_answers,
+)
 from vmt.nn.baselines import segment_cache_transformer, windowed_transformer
 from vmt.nn.folded import FoldedTransformer, FoldedTransformerConfig
 from vmt.nn.lm import SegmentLM, TrainConfig, train
 
 NAME = "folded-recall"
-SUMMARY = "long-range recall accuracy (folded vs windowed vs 1-segment cache) and streaming cost"
+SUMMARY = "long-range recall accuracy (folded vs windowed vs 1-segment cache vs VMT) and streaming cost"
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +51,16 @@ DISTANCES = [32, 64, 128, 256, 512]
 WIDTH = dict(d_model=64, n_heads=4, d_ff=128)
 TASK = RecallTaskConfig(n_pairs=1, n_keys=16, n_values=16, n_filler=16)
 MODELS = ("folded", "windowed", "cache")
+ROWS = MODELS + ("vmt",)
 LR = 3e-3
 WARMUP = 10
+QUERY_PROB = 0.3
+
+# the VMT row: token family, memory 128 + token slot 16, read and trained in windows of 2l
+VMT_WINDOW = 2 * SEGMENT
+VMT_MEMORY = 128
+VMT_TOKEN = 16
+VMT_SAMPLES = 16  # rows of the read state (particles of the predictive)
 
 
 def build(kind: str, vocab: int) -> SegmentLM:
@@ -61,16 +86,25 @@ def curriculum_length(step: int, steps: int, max_length: int, ramp: float) -> in
     return int(lo + (max_length - lo) * frac)
 
 
-def train_and_evaluate(kind: str, seed: int, steps: int, batch: int, max_length: int,
-                       n_eval: int) -> dict[int, float]:
-    torch.manual_seed(seed)
-    lm = build(kind, TASK.vocab_size)
+def training_stream(seed: int, steps: int, batch: int, max_length: int):
+    """``batches(step) -> (tokens, targets)``: the training stream every model sees (called
+    once per step, in order)."""
     data = torch.Generator().manual_seed(10_000 + seed)  # same stream for every model
 
     def batches(step: int):
         length = curriculum_length(step, steps, max_length, ramp=0.6)
-        return sample_training_batch(TASK, batch, length, 0.3, data)
+        return sample_training_batch(TASK, batch, length, QUERY_PROB, data)
 
+    return batches
+
+
+def train_and_evaluate(kind: str, seed: int, steps: int, batch: int, max_length: int,
+                       n_eval: int) -> dict[int, float]:
+    if kind == "vmt":
+        return train_and_evaluate_vmt(seed, steps, batch, max_length, n_eval)[0]
+    torch.manual_seed(seed)
+    lm = build(kind, TASK.vocab_size)
+    batches = training_stream(seed, steps, batch, max_length)
     train(lm, batches, TrainConfig(steps=steps, lr=LR, warmup=WARMUP), log_every=0)
     gen = torch.Generator().manual_seed(20_000 + seed)
     correct = torch.zeros(len(DISTANCES))
@@ -83,6 +117,75 @@ def train_and_evaluate(kind: str, seed: int, steps: int, batch: int, max_length:
             correct += (pred == targets.gather(1, qpos)).float().sum(0)
             done += b
     return {d: float(c) / n_eval for d, c in zip(DISTANCES, correct, strict=True)}
+
+
+def build_vmt(vocab: int):
+    """The VMT of the recall row: token family with a GRU reader (which only informs the
+    first state of a fresh read: the memory guide is the model's own step)."""
+    from vmt.models import VMTConfig
+    from vmt.models.vmt import VariationalMarkovTransformer
+
+    config = VMTConfig(state_dim=VMT_MEMORY + VMT_TOKEN, token_dim=VMT_TOKEN, obs_dim=vocab,
+                       feature_dim=WIDTH["d_model"], guide_hidden=WIDTH["d_model"], prior="token",
+                       transition="token", emission="token", guide="token", memory_guide="model",
+                       slot_scale=0.1, min_scale=1e-3, max_window=VMT_WINDOW)
+    spec = {"kind": "gru", "kwargs": {"input": "tokens", "hidden_size": WIDTH["d_model"],
+                                       "vocab_size": vocab, "embed_dim": 32}}
+    return VariationalMarkovTransformer(config, reader_spec=spec)
+
+
+def train_and_evaluate_vmt(seed: int, steps: int, batch: int, max_length: int,
+                           n_eval: int) -> tuple[dict[int, float], dict]:
+    """The VMT row: one pass over the same training sequences with answers written in, then
+    recall accuracy per distance; also the training record (steps, CPU seconds, bound)."""
+    from vmt.inference.predictive import next_token_probs
+    from vmt.inference.reading import ReadConfig, read
+    from vmt.inference.train import TrainConfig as VMTTrainConfig
+    from vmt.inference.train import fit
+    from vmt.inference.windows import DocumentStreams
+
+    torch.manual_seed(seed)
+    batches = training_stream(seed, steps, batch, max_length)
+    docs = [row for step in range(steps) for row in write_answers(*batches(step))]
+    vmt = build_vmt(TASK.vocab_size)
+    passes = len(DocumentStreams(docs, batch, VMT_WINDOW).window_lengths())  # every sequence once
+    t0 = time.process_time()
+    result = fit(vmt, docs, VMTTrainConfig(
+        regime="windows", window=VMT_WINDOW, batch_size=batch, steps=passes, learning_rate=LR,
+        lr_decay_steps=passes, lr_final_fraction=0.1, aux_weight=0.0, max_skip=0,
+        log_every=max(1, passes // 10), seed=seed), progress=False)
+    if not result.ok:
+        raise RuntimeError(f"VMT training (seed {seed}) stopped: {result.stopped}")
+    record = {"steps": passes, "cpu_seconds": time.process_time() - t0,
+              "neg_elbo_per_token": -result.history[-1]["elbo_per_token"]}
+    vmt.eval()
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    values = torch.arange(TASK.value_offset, TASK.value_offset + TASK.n_values)
+    read_config = ReadConfig(window=VMT_WINDOW, score=False)
+    correct = torch.zeros(len(DISTANCES))
+    done = 0
+    with torch.no_grad():
+        while done < n_eval:
+            b = min(128, n_eval - done)
+            tokens, targets, qpos = sample_eval_batch(TASK, b, DISTANCES, gen)
+            for r in range(b):
+                for j in range(len(DISTANCES)):
+                    prefix = single_query(TASK, tokens[r], qpos[r], j, gen)
+                    state = read(vmt, prefix, read_config, samples=VMT_SAMPLES).state
+                    guess = values[next_token_probs(vmt, state)[values].argmax()]
+                    correct[j] += float(guess == targets[r, qpos[r, j]])
+            done += b
+    return {d: float(c) / n_eval for d, c in zip(DISTANCES, correct, strict=True)}, record
+
+
+def carried_bytes(kind: str) -> float:
+    """Bytes a model carries from one segment (or window) to the next at batch 1."""
+    if kind == "vmt":
+        return float(VMT_SAMPLES * (VMT_MEMORY + VMT_TOKEN) * 4)  # float32 state rows
+    body = build(kind, TASK.vocab_size).body.eval()
+    with torch.no_grad():
+        _, state = body.step(torch.zeros(1, SEGMENT, dtype=torch.long), body.initial_state(1))
+    return float(state.nbytes())
 
 
 def _rss_bytes() -> float:
@@ -135,14 +238,23 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
                   stream_tokens=65536)
     )
     metrics: dict[str, float] = {"chance_accuracy": TASK.chance}
-    acc: dict[str, list[dict[int, float]]] = {k: [] for k in MODELS}
-    t_train = {}
-    for kind in MODELS:
-        metrics[f"params_{kind}"] = float(sum(p.numel() for p in build(kind, 40).parameters()))
+    acc: dict[str, list[dict[int, float]]] = {k: [] for k in ROWS}
+    t_train, vmt_records = {}, []
+    for kind in ROWS:
+        model = build_vmt(TASK.vocab_size) if kind == "vmt" else build(kind, 40)
+        metrics[f"params_{kind}"] = float(sum(p.numel() for p in model.parameters()))
+        metrics[f"carried_bytes_{kind}"] = carried_bytes(kind)
         t0 = time.perf_counter()
         for seed in settings["seeds"]:
-            res = train_and_evaluate(kind, seed, settings["steps"], settings["batch"],
-                                     settings["max_length"], settings["n_eval"])
+            if kind == "vmt":
+                res, record = train_and_evaluate_vmt(seed, settings["steps"], settings["batch"],
+                                                     settings["max_length"], settings["n_eval"])
+                vmt_records.append(record)
+                for key, value in record.items():
+                    metrics[f"vmt_{key}_seed{seed}"] = float(value)
+            else:
+                res = train_and_evaluate(kind, seed, settings["steps"], settings["batch"],
+                                         settings["max_length"], settings["n_eval"])
             acc[kind].append(res)
             logger.info("%s seed %d: %s", kind, seed, res)
             for d in DISTANCES:
@@ -166,8 +278,8 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     figure_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     labels = {"folded": "folded (2 local + 2 global)", "windowed": "windowed (window 2l)",
-              "cache": "1-segment cache (XL)"}
-    for kind, marker in zip(MODELS, "osd", strict=True):
+              "cache": "1-segment cache (XL)", "vmt": "VMT (window 2l, state carried)"}
+    for kind, marker in zip(ROWS, "osd^", strict=True):
         mean = [metrics[f"acc_{kind}_d{d}"] for d in DISTANCES]
         (line,) = axes[0].plot(DISTANCES, mean, marker=marker, label=labels[kind])
         for r in acc[kind]:
@@ -195,12 +307,18 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     plt.close(fig)
 
     acc_rows = []
-    for kind in MODELS:
-        row = [labels[kind], int(metrics[f"params_{kind}"])]
+    trials = settings["n_eval"] * len(settings["seeds"])
+    for kind in ROWS:
+        row = [labels[kind], int(metrics[f"params_{kind}"]), int(metrics[f"carried_bytes_{kind}"])]
         for d in DISTANCES:
             per_seed = "/".join(f"{r[d]:.2f}" for r in acc[kind])
-            row.append(f"{metrics[f'acc_{kind}_d{d}']:.3f} ({per_seed})")
+            mean = metrics[f"acc_{kind}_d{d}"]
+            lo, hi = wilson_interval(round(mean * trials), trials)
+            metrics[f"acc_{kind}_d{d}_lo"], metrics[f"acc_{kind}_d{d}_hi"] = lo, hi
+            row.append(f"{mean:.3f} [{lo:.2f}, {hi:.2f}] ({per_seed})")
         acc_rows.append(row)
+    vmt_cpu = sum(r["cpu_seconds"] for r in vmt_records) / len(vmt_records)
+    vmt_bound = sum(r["neg_elbo_per_token"] for r in vmt_records) / len(vmt_records)
     stream_rows = [
         [f"{n // 1024}k",
          f"{metrics[f'stream_time_per_token_ratio_{n // 1024}k_vs_3k']:.3f}",
@@ -219,8 +337,11 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         f"tokens over 60% of the steps, 30% of filler slots "
         f"turned into queries), AdamW lr 3e-3, seeds {settings['seeds']}; accuracy on "
         f"{settings['n_eval']} fresh sequences per seed. Cells: mean over seeds "
-        f"(per-seed values).",
-        markdown_table(["model", "params"] + [f"d={d}" for d in DISTANCES], acc_rows),
+        f"[95% Wilson interval of the {trials} pooled queries] (per-seed values); carried "
+        f"memory: bytes a model keeps from one segment to the next at batch 1 (the VMT: "
+        f"{VMT_SAMPLES} rows of a {VMT_MEMORY + VMT_TOKEN}-number float32 state).",
+        markdown_table(["model", "params", "carried bytes"] + [f"d={d}" for d in DISTANCES],
+                       acc_rows),
         "![](figures/folded_recall.png)",
         f"At d = 256 the folded transformer reached {folded256:.3f} and the windowed "
         f"transformer {windowed256:.3f} (chance {TASK.chance:.3f}). The windowed model "
@@ -232,6 +353,19 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         f"generalisation of the carry. Folded training took "
         f"{metrics['train_time_ratio_folded_over_windowed']:.2f}x the wall time of the "
         f"windowed model (its global stack is sequential over segments).",
+        f"The VMT read the same sequences once each with every query's answer written after "
+        f"it ({int(sum(r['steps'] for r in vmt_records) / len(vmt_records))} windows-regime "
+        f"steps of {settings['batch']} streams x {VMT_WINDOW} tokens, the documents longest "
+        f"first, the state carried and detached between windows; Adam lr {LR} with a cosine "
+        f"decay to a tenth, no KL annealing), {vmt_cpu:.0f} CPU-s of training per seed on one thread, ending at a "
+        f"training bound of {vmt_bound:.3f} nats/token. It is the token family with memory "
+        f"{VMT_MEMORY} and token slot {VMT_TOKEN}, and its guide's memory step is the "
+        f"model's own: a noisy recurrent language model, so what it recalls beyond its "
+        f"{VMT_WINDOW}-token window it recalls through the state. At evaluation it reads each "
+        f"query's prefix with a {VMT_WINDOW}-token window, the other queries turned to filler "
+        f"(they would be unanswered queries, a stream it never saw), and answers with the "
+        f"most probable value under its predictive distribution "
+        f"({VMT_SAMPLES} state samples). At d = 256 it reached {metrics['acc_vmt_d256']:.3f}.",
         "Streaming: a folded model (batch 1) reads "
         f"{settings['stream_tokens'] // 1024}k random tokens one segment per call; wall time "
         "per token and resident process memory are taken per block of 1024 tokens (median "
@@ -247,7 +381,9 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         benchmark=NAME,
         metrics=metrics,
         config={"quick": quick, "segment_length": SEGMENT, "distances": DISTANCES,
-                "task": asdict(TASK), **WIDTH, **settings},
+                "task": asdict(TASK), **WIDTH, **settings,
+                "vmt": {"memory": VMT_MEMORY, "token": VMT_TOKEN, "window": VMT_WINDOW,
+                        "samples": VMT_SAMPLES}},
         markdown=markdown,
         figures=[fig_path],
     )

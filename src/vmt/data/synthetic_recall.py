@@ -137,3 +137,57 @@ def sample_eval_batch(
     tokens.scatter_(1, query_pos, keys.gather(1, which))
     targets.scatter_(1, query_pos, values.gather(1, which))
     return tokens, targets, query_pos
+
+
+def write_answers(tokens: Tensor, targets: Tensor) -> Tensor:
+    """The sequences a generative model reads: every query followed by its answer.
+
+    The value a query asks for is written over the token right after the query (a filler, or
+    a query that is then dropped), so the stream says what it asks and a language model of the
+    stream learns to answer. A query in the last position keeps no answer. The sequences are
+    otherwise the same: the same keys, values, fillers and query positions.
+
+    Args:
+        tokens: (batch, time) int64 from :func:`sample_training_batch`.
+        targets: (batch, time) int64, ``-100`` where unscored.
+
+    Returns:
+        (batch, time) int64.
+    """
+    if tokens.shape != targets.shape or tokens.dim() != 2:
+        raise ValueError(
+            f"tokens and targets must both be (batch, time), got {tuple(tokens.shape)} and {tuple(targets.shape)}"
+        )
+    answered = torch.zeros_like(targets, dtype=torch.bool)
+    answered[:, 1:] = targets[:, :-1] != IGNORE
+    answers = torch.full_like(targets, IGNORE)
+    answers[:, 1:] = targets[:, :-1]
+    return torch.where(answered, answers, tokens)
+
+
+def single_query(cfg: RecallTaskConfig, tokens: Tensor, query_pos: Tensor, which: int,
+                 generator: torch.Generator) -> Tensor:
+    """One row of an evaluation batch cut after its query ``which``, the other queries before
+    it replaced by fresh filler.
+
+    For a generative model that was trained on answered queries (:func:`write_answers`), an
+    earlier query with no answer after it is a stream it has never seen; with the earlier
+    queries turned to filler the prefix holds one question, asked ``d`` tokens after its value.
+
+    Args:
+        tokens: (time,) int64, one row of :func:`sample_eval_batch`.
+        query_pos: (queries,) int64, that row's query positions (ascending distances).
+        which: index of the query to keep.
+
+    Returns:
+        (query_pos[which] + 1,) int64 ending with the query.
+    """
+    if tokens.dim() != 1 or query_pos.dim() != 1:
+        raise ValueError(f"tokens and query_pos must be 1-D, got {tuple(tokens.shape)} and {tuple(query_pos.shape)}")
+    if not 0 <= which < len(query_pos):
+        raise ValueError(f"which must index one of the {len(query_pos)} queries, got {which}")
+    end = int(query_pos[which])
+    prefix = tokens[: end + 1].clone()
+    earlier = query_pos[query_pos < end]
+    prefix[earlier] = torch.randint(cfg.n_filler, (len(earlier),), generator=generator)
+    return prefix

@@ -81,18 +81,29 @@ class DocumentStreams:
             order = sorted(range(len(self.documents)), key=lambda i: -self.lengths[i])
         self.order = [i for i in order if self.lengths[i] > 0]
 
-    def __iter__(self) -> Iterator[Window]:
+    def _schedule(self) -> Iterator[tuple[list[list[int]], int]]:
+        """``(active, steps)`` for every window: the ``[document, offset]`` of each stream and
+        the window's length (from the lengths alone; ``active`` is valid until the next item)."""
         queue = list(self.order)
         active: list[list[int]] = []  # [document, offset]
         while queue or active:
             while len(active) < self.streams and queue:
                 active.append([queue.pop(0), 0])
-            remaining = [self.lengths[d] - o for d, o in active]
-            steps = min(self.window, min(remaining))
-            yield self._window(active, steps)
+            steps = min(self.window, min(self.lengths[d] - o for d, o in active))
+            yield active, steps
             for entry in active:
                 entry[1] += steps
             active = [e for e in active if e[1] < self.lengths[e[0]]]
+
+    def __iter__(self) -> Iterator[Window]:
+        for active, steps in self._schedule():
+            yield self._window(active, steps)
+
+    def window_lengths(self) -> list[int]:
+        """The length of every window of one pass over the documents, in order, without
+        reading a document: ``len`` of it is the number of windows-regime training steps that
+        read every document once."""
+        return [steps for _, steps in self._schedule()]
 
     def _window(self, active: list[list[int]], steps: int) -> Window:
         docs = [d for d, _ in active]
