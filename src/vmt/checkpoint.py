@@ -5,7 +5,8 @@ A checkpoint is a folder::
     checkpoint.json        format version, VMTConfig, reader spec, training config and state
     model.safetensors      the VMT's state dict
     optimizer.safetensors  the optimiser's tensors (its scalars are in the JSON)
-    state.safetensors      random-number-generator states and carried latent states
+    state.safetensors      carried latent states (windows regime; earlier versions also
+                           saved random-number states, which resume ignores)
 
 Crash safety. ``PATH`` is a symbolic link to a complete, versioned folder beside it::
 

@@ -62,10 +62,34 @@ def test_resumed_run_continues_the_same_loss_curve(tmp_path, regime, lr_decay_st
     assert a[-len(b):] == pytest.approx(b, rel=1e-5)
 
 
+def _without_timings(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in ("tokens_per_second", "seconds", "cpu_seconds")}
+            for h in history]
+
+
+def _max_gap(a, b) -> float:
+    """The largest absolute difference between the parameters of two models."""
+    theirs = b.state_dict()
+    return max(float((v - theirs[k]).abs().max()) for k, v in a.state_dict().items())
+
+
+@pytest.fixture
+def gloo_group(tmp_path, monkeypatch):
+    """A gloo process group of world size 1 in this process (as ``torchrun --nproc_per_node 1``
+    would give), destroyed afterwards."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    yield dist
+    dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("regime", ["subsequence", "windows"])
-def test_both_launch_modes_take_the_same_steps(regime, float64, periodic_documents, small_vmt):
-    # The one loss and step in both launch modes: a single process reseeding per step as a
-    # distributed rank does, and the distributed trainer alone (world size 1).
+def test_both_launch_modes_give_the_same_parameters(regime, float64, periodic_documents, small_vmt,
+                                                     gloo_group, monkeypatch):
+    # The one trainer launched twice: in this process (Trainer, no process group) and by the
+    # distributed launcher on a gloo group of one rank (DDP around the loss, all-reduces).
     from vmt.inference.distributed import distributed_fit
 
     docs = periodic_documents()
@@ -75,18 +99,72 @@ def test_both_launch_modes_take_the_same_steps(regime, float64, periodic_documen
     alone = small_vmt(**SIZES)
     twin = small_vmt(**SIZES)
     twin.load_state_dict(alone.state_dict())
-    start = {k: v.clone() for k, v in alone.state_dict().items()}
-    one = Trainer(alone, docs, config, reseed_every_step=True).fit(progress=False)
+    start = small_vmt(**SIZES)
+    start.load_state_dict(alone.state_dict())
+    one = Trainer(alone, docs, config).fit(progress=False)
+    reduced = []  # the collectives the launcher's trainer calls (DDP's own run in C++)
+    real = gloo_group.all_reduce
+    monkeypatch.setattr(gloo_group, "all_reduce", lambda t, *a, **k: (reduced.append(t.numel()), real(t, *a, **k))[1])
     torch.manual_seed(123)  # the per-step seeds, not the process state, decide the steps
-    ranked = distributed_fit(twin, docs, config, progress=False)
+    ranked = distributed_fit(twin, docs, config, device="cpu", progress=False)
+    assert gloo_group.get_world_size() == 1
+    assert reduced == [3, 4] * 6, "the distributed launcher did not run on the process group"
     assert one.ok and ranked.ok and one.steps == ranked.steps == 6
-    # float64: only the order of the sums differs (mean/mean against sum/tokens)
-    worst = max(float((a - b).abs().max()) for a, b in zip(alone.state_dict().values(),
-                                                            twin.state_dict().values()))
-    assert worst < 1e-9
-    assert [h["loss"] for h in one.history] == pytest.approx([h["loss"] for h in ranked.history], rel=1e-9)
+    assert _max_gap(alone, twin) < 1e-9
+    assert _without_timings(one.history) == [pytest.approx(h, rel=1e-9) for h in _without_timings(ranked.history)]
     # and the steps moved the parameters: the comparison is not of two untouched models
-    assert max(float((v - start[k]).abs().max()) for k, v in alone.state_dict().items()) > 1e-3
+    assert _max_gap(alone, start) > 1e-3
+
+
+@pytest.mark.parametrize("regime", ["subsequence", "windows"])
+def test_a_resumed_run_equals_an_uninterrupted_one(regime, tmp_path, float64, periodic_documents, small_vmt):
+    import dataclasses
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vmt.checkpoint import find_checkpoint
+
+    docs = periodic_documents()
+    config = TrainConfig(regime=regime, steps=8, batch_size=4, max_length=8, window=8, budget=64,
+                         log_every=1, checkpoint_every=100, max_skip=3, lr_decay_steps=6,
+                         learning_rate=1e-2)
+    torch.manual_seed(5)
+    start = small_vmt(**SIZES).state_dict()
+
+    def model():
+        vmt = small_vmt(**SIZES)
+        vmt.load_state_dict(start)
+        return vmt
+
+    straight = model()
+    done = Trainer(straight, docs, config).fit(progress=False)
+    stopped = model()  # the same run stopped after step 3 (its checkpoint written at the end)
+    Trainer(stopped, docs, dataclasses.replace(config, steps=3), checkpoint_dir=tmp_path / "ck").fit(progress=False)
+    # a checkpoint of the earlier format: random-number states, no world size or window indices
+    folder = tmp_path / "old"  # in the one-folder layout of that time
+    shutil.copytree(find_checkpoint(tmp_path / "ck"), folder)
+    tensors = load_file(str(folder / "state.safetensors")) if (folder / "state.safetensors").exists() else {}
+    if regime == "windows":  # carried states into step 4: the resume must restore them
+        assert any(k.startswith("carried.") for k in tensors)
+    tensors.update({"rng.torch": torch.get_rng_state(), "rng.sampler": torch.Generator().get_state()})
+    save_file(tensors, str(folder / "state.safetensors"))
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    del meta["world_size"], meta["window_indices"]
+    (folder / "checkpoint.json").write_text(json.dumps(meta))
+
+    for ck in ("ck", "old"):
+        torch.manual_seed(999)  # a different process state: the step's seeds decide
+        resumed = model()
+        trainer = Trainer(resumed, docs, config, checkpoint_dir=tmp_path / ck)
+        assert trainer.resume() and trainer.step == 3
+        result = trainer.fit(progress=False)
+        assert result.ok and result.steps == 8
+        assert _max_gap(resumed, straight) < 1e-9, ck
+        assert _without_timings(result.history) == [pytest.approx(h, rel=1e-9) for h in _without_timings(done.history)]
+    # the resumed steps moved the parameters from those of the checkpoint
+    assert _max_gap(stopped, straight) > 1e-3
 
 
 def test_cosine_learning_rate_schedule(periodic_documents, small_vmt):
@@ -231,3 +309,35 @@ def test_windows_training_of_a_float64_model_stays_float64(monkeypatch, periodic
     assert dtypes[0][0] is None  # the first window starts every document afresh
     assert all(d == (torch.float64, torch.float64) for d in dtypes[1:])
     assert all(p.dtype == torch.float64 for p in vmt.parameters())
+
+
+def test_the_one_loss_with_distillation_is_the_elbo_loss_plus_the_weighted_cross_entropy():
+    # One process: the loss share of W = 1 with its own counts is -sum ELBO / tokens plus the
+    # auxiliary means plus distill_weight times the teacher cross-entropy (a mean over tokens).
+    from vmt.encoders.teacher import soft_cross_entropy
+    from vmt.inference.elbo import auxiliary_losses, elbo_terms
+    from vmt.inference.objective import svi_loss
+    from vmt.models import ChainBatch, VariationalMarkovTransformer, VMTConfig
+
+    token = dict(prior="token", transition="token", emission="token", guide="token")
+    vmt = VariationalMarkovTransformer(VMTConfig(
+        state_dim=6, token_dim=3, obs_dim=7, feature_dim=5, guide_hidden=8, prior_components=2,
+        **token)).double()
+    rows, steps, k = 3, 6, 4
+    batch = ChainBatch(obs=torch.randint(0, 7, (rows, steps)), start=torch.tensor([0, 1, 0]),
+                       end=torch.tensor([steps, steps, steps - 2]),
+                       features=torch.randn(rows, steps, 5, dtype=torch.float64),
+                       x0=torch.randn(rows, 6, dtype=torch.float64), carried=torch.tensor([True, False, True]))
+    ids = torch.randint(0, 7, (rows, steps, k))
+    probs = torch.softmax(torch.randn(rows, steps, k, dtype=torch.float64), -1)
+    config = TrainConfig(regime="windows", aux_weight=0.1, distill_weight=0.5)
+    torch.manual_seed(3)
+    loss = svi_loss(vmt, batch, config, 0.7, 2, teacher=(ids, probs)).loss
+    torch.manual_seed(3)
+    terms = elbo_terms(vmt, batch)
+    aux = auxiliary_losses(terms, batch, 2)
+    ce = soft_cross_entropy(vmt.emission.predictive_log_probs(terms.x), ids, probs, terms.mask)
+    expected = (-terms.elbo_per_row(0.7).sum() / terms.mask.sum() + 0.5 * ce
+                + 0.1 * (aux["init"] + aux["prior"] + aux["skip"]))
+    assert float(ce.detach()) > 0.1  # the cross-entropy term is there to be weighted
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)

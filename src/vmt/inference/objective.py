@@ -1,20 +1,22 @@
-"""The loss SVI minimises, written once for every trainer, and one optimiser step.
+"""The loss SVI minimises, written once, and the optimiser step of the one trainer.
 
-For a batch of ``batch`` rows and ``time`` steps with ELBO terms (:func:`elbo_terms`):
+For a batch of ``batch`` rows and ``time`` steps with ELBO terms (:func:`elbo_terms`), the loss
+over the union of the batches of ``W`` ranks (``W = 1``: one process) is
+``-sum(ELBO) / T + aux_weight * (L_init + L_prior + L_skip) + distill_weight * CE``, where ``T``
+counts the observed tokens of all ranks, each auxiliary term is a mean over its terms of all
+ranks and ``CE`` (windows regime only) a mean over the tokens. In the subsequence regime
+``-sum(ELBO) / T`` is ``-mean(ELBO_b) / mean(length_b)``, the mean negative ELBO per
+subsequence on a per-token scale.
 
-* alone (one process, :class:`vmt.inference.train.Trainer`): in the subsequence regime
-  ``-mean(ELBO_b) / mean(length_b)``, in the windows regime ``-sum(ELBO_b) / tokens`` (the
-  same quantity, summed in another order), plus ``distill_weight * CE`` (windows only) and
-  ``aux_weight * (L_init + L_prior + L_skip)`` (each a mean over its terms);
-* over ``W`` ranks (:class:`vmt.inference.distributed.DistributedTrainer`): rank ``r`` computes
-  ``W * (-sum_r(ELBO) / T + w * sum_r(aux) / A)`` with the counts ``T`` (tokens) and ``A``
-  (auxiliary terms) summed over the ranks (:class:`LossTotals`); DDP averages the gradients,
-  which makes them the gradients of the loss alone over the union of the ranks' batches. With
-  one rank it is the loss alone up to the order of the sums.
+Rank ``r`` computes its share ``W * (-sum_r(ELBO) / T + w * sum_r(aux) / A + ...)`` with the
+counts ``T`` and ``A`` summed over the ranks (:class:`LossTotals`); DDP averages the gradients,
+which makes them the gradients of the loss over the union of the ranks' batches. A single
+process is the case ``W = 1`` with the counts of its own batch: there is one formula, and
+:class:`SVILoss` is the module both launch modes of :class:`vmt.inference.train.Trainer` call.
 
-:func:`optimiser_step` is the step both trainers take after the loss: backward, the
-non-finite checks, clipping, the learning rate of the step (:meth:`TrainConfig.learning_rate_at`)
-and Adam.
+:func:`optimiser_step` is the step after the loss: backward, the non-finite checks, clipping,
+the learning rate of the step (:meth:`TrainConfig.learning_rate_at`) and Adam. :func:`reseed`
+seeds every random stream of a step from ``(seed, step, rank)``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from vmt.encoders.teacher import soft_cross_entropy
 from vmt.inference.elbo import ElboTerms, auxiliary_losses, elbo_terms
@@ -87,6 +90,13 @@ class LossTotals:
         return cls(tokens, init, pairs, world_size)
 
 
+def batch_counts(batch: ChainBatch, skip: int | None) -> torch.Tensor:
+    """``(3,)`` int64 counts of ``batch`` that :class:`LossTotals` sums over the ranks: observed
+    tokens, carried first states and skip pairs (:func:`aux_counts`)."""
+    init, pairs = aux_counts(batch, skip)
+    return torch.tensor([int(batch.mask().sum()), init, pairs], dtype=torch.int64)
+
+
 @dataclass(frozen=True)
 class LossResult:
     """One evaluation of the SVI loss.
@@ -108,13 +118,17 @@ class LossResult:
     def elbo_per_token(self) -> float:
         return float(self.elbo_sum) / max(self.tokens, 1)
 
-    def split_per_token(self) -> tuple[float, float]:
-        """``(reconstruction, kl)`` per token of this batch: ``-sum log p(y|x) / tokens`` and
-        ``sum [log q - log p(x_k|x_{k-1})] / tokens`` (not annealed)."""
+    def split_sums(self) -> torch.Tensor:
+        """``(2,)`` detached sums over this batch of the negative ELBO's two parts:
+        reconstruction ``-sum log p(y|x)`` and KL ``sum [log q - log p(x_k|x_{k-1})]`` (not
+        annealed)."""
         with torch.no_grad():
             t = self.terms
-            recon = -float(t.log_lik.sum()) / self.tokens
-            kl = float((t.log_guide - t.log_latent).sum()) / self.tokens
+            return torch.stack([-t.log_lik.sum(), (t.log_guide - t.log_latent).sum()])
+
+    def split_per_token(self) -> tuple[float, float]:
+        """``(reconstruction, kl)`` per token of this batch (:meth:`split_sums` / tokens)."""
+        recon, kl = (float(v) / max(self.tokens, 1) for v in self.split_sums())
         return recon, kl
 
 
@@ -127,55 +141,40 @@ def svi_loss(
     totals: LossTotals | None = None,
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossResult:
-    """The SVI loss of ``batch`` (module docstring).
+    """The SVI loss of ``batch``, this rank's share (module docstring).
 
     Args:
         vmt: the model.
         batch: the batch, on the model's device.
-        config: the :class:`vmt.inference.train.TrainConfig` (``regime``, ``direction``,
-            ``aux_weight``, ``distill_weight``).
+        config: the :class:`vmt.inference.train.TrainConfig` (``direction``, ``aux_weight``,
+            ``distill_weight``).
         annealing: KL annealing factor.
         skip: the skip length of the auxiliary skip loss (``None``: none).
-        totals: counts over all ranks (``None``: this batch alone, one process).
+        totals: counts over all ranks (``None``: this batch's own, one process).
         teacher: ``(ids, probs)``, the teacher's top next tokens of the window, each
-            ``(batch, time, k)``, when ``config.distill_weight > 0`` (one process only).
+            ``(batch, time, k)``, when ``config.distill_weight > 0``.
 
     Returns:
         :class:`LossResult`.
     """
-    if teacher is not None and totals is not None:
-        raise ValueError("distillation runs in the single-process trainer only")
+    if totals is None:
+        totals = LossTotals.of(batch_counts(batch, skip), 1)
     with torch.autocast(batch.obs.device.type, enabled=False):
         terms = elbo_terms(vmt, batch, config.direction)
-        if totals is None:
-            loss = _loss_alone(vmt, batch, config, annealing, skip, terms, teacher)
-        else:
-            loss = _loss_share(batch, config, annealing, skip, terms, totals)
+        loss = _loss_share(vmt, batch, config, annealing, skip, terms, totals, teacher)
     tokens = int(terms.mask.sum())
     return LossResult(loss, terms.elbo_per_row().sum().detach(), tokens, terms)
 
 
-def _loss_alone(vmt, batch, config, annealing, skip, terms, teacher) -> torch.Tensor:
-    if config.regime == "subsequence":
-        lengths = terms.tokens_per_row().to(terms.x.dtype)
-        loss = -terms.elbo_per_row(annealing).mean() / lengths.mean()
-    else:
-        loss = -terms.elbo_per_row(annealing).sum() / terms.mask.sum()
+def _loss_share(vmt, batch, config, annealing, skip, terms, totals: LossTotals, teacher) -> torch.Tensor:
+    world = totals.world_size
+    tokens, init_total, skip_total = (max(v, 1) for v in (totals.tokens, totals.init, totals.pairs))
+    loss = -terms.elbo_per_row(annealing).sum() * (world / tokens)
     if teacher is not None:
         ids, probs = teacher
         log_probs = vmt.emission.predictive_log_probs(terms.x)
         ce = soft_cross_entropy(log_probs, ids.to(log_probs.device), probs.to(log_probs.device), terms.mask)
-        loss = loss + config.distill_weight * ce
-    if config.aux_weight > 0:
-        aux = auxiliary_losses(terms, batch, skip)
-        loss = loss + config.aux_weight * (aux["init"] + aux["prior"] + aux["skip"])
-    return loss
-
-
-def _loss_share(batch, config, annealing, skip, terms, totals: LossTotals) -> torch.Tensor:
-    world = totals.world_size
-    tokens, init_total, skip_total = (max(v, 1) for v in (totals.tokens, totals.init, totals.pairs))
-    loss = -terms.elbo_per_row(annealing).sum() * (world / tokens)
+        loss = loss + config.distill_weight * world * ce * (terms.mask.sum() / tokens)
     if config.aux_weight > 0:
         aux = auxiliary_losses(terms, batch, skip)
         init, pairs = aux_counts(batch, skip)
@@ -186,6 +185,49 @@ def _loss_share(batch, config, annealing, skip, terms, totals: LossTotals) -> to
         )
         loss = loss + config.aux_weight * world * aux_loss
     return loss
+
+
+class SVILoss(nn.Module):
+    """:func:`svi_loss` as a module, so DDP can wrap it (the VMT is its submodule): the one loss
+    of both launch modes of :class:`vmt.inference.train.Trainer`.
+
+    Args:
+        vmt: the model (a submodule, so its parameters are this module's).
+        config: the training settings (``direction``, ``aux_weight``, ``distill_weight``).
+    """
+
+    def __init__(self, vmt: nn.Module, config) -> None:
+        super().__init__()
+        self.vmt = vmt
+        self.config = config
+
+    def forward(
+        self,
+        batch: ChainBatch,
+        annealing: float,
+        skip: int | None,
+        totals: torch.Tensor,
+        world_size: int = 1,
+        teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> LossResult:
+        """This rank's share of the loss (:func:`svi_loss`).
+
+        Args:
+            batch: this rank's batch (on the model's device).
+            annealing: KL annealing factor.
+            skip: the skip length of the auxiliary skip loss (``None``: none).
+            totals: ``(3,)`` counts over all ranks: tokens, carried first states, skip pairs
+                (:func:`batch_counts` summed over the ranks).
+            world_size: number of ranks whose gradients DDP averages.
+            teacher: the distillation targets of the window (``(batch, time, k)`` ids and
+                probabilities), or ``None``.
+
+        Returns:
+            :class:`LossResult` (``loss`` as in the module docstring, ``elbo_sum`` of this
+            rank's rows, ``terms.x`` the sampled path).
+        """
+        return svi_loss(self.vmt, batch, self.config, annealing, skip,
+                        LossTotals.of(totals, world_size), teacher)
 
 
 def check_finite_parameters(vmt, step: int) -> None:

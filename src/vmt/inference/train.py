@@ -1,4 +1,9 @@
-"""SVI training loops for both regimes, apart from the model, returning typed results.
+"""The one SVI trainer, for both regimes and both launch modes, returning typed results.
+
+:class:`Trainer` runs one process; :class:`vmt.inference.distributed.DistributedTrainer` is the
+same trainer on one rank of a ``torchrun`` job (it adds the process group: DDP's gradient
+all-reduce and the few collectives of a checkpoint). A single process is the world-size-1 case
+of a distributed run: the same batches, per-step seeds, loss, step, loop and checkpoints.
 
 * ``regime="subsequence"``: random contiguous subsequences with a length curriculum; with
   ``suffix_parallel`` every selected suffix of each sample gets its own ELBO in one pass
@@ -14,11 +19,17 @@
 Both: KL annealing (a factor passed to the loss, rising linearly), an optional cosine
 learning-rate decay (``lr_decay_steps``), gradient clipping,
 checkpoints (crash-safe, see :mod:`vmt.checkpoint`; every ``checkpoint_every`` steps, at the
-end, and on Ctrl-C or SIGTERM, after which the run stops), resume (the same loss curve
-continues: model, optimiser, RNG and carried states are restored; a checkpoint written for
-other data, vocabulary or settings is refused, see :func:`vmt.checkpoint.check_resume`), a
+end, and on Ctrl-C or SIGTERM, after which the run stops), resume (the same run continues:
+model, optimiser, step, stream positions and carried states are restored; a checkpoint written
+for other data, vocabulary or settings is refused, see :func:`vmt.checkpoint.check_resume`), a
 lock on the checkpoint folder (one run at a time), and a non-finite loss, gradient or
 parameter stops the run with a diagnostic naming what was kept (never a non-finite weight).
+
+Randomness. Before every step the sampler's generator (batches, skip lengths) and the global
+RNG of every device (the guide's noise, dropout; CPU and every CUDA device) of rank ``r`` are
+seeded from ``(config.seed, step, r)`` (:func:`vmt.inference.objective.reseed`): the random
+numbers of a step depend on nothing else, so no random state is saved, and a resumed run
+repeats the uninterrupted one exactly (with the same number of ranks).
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from vmt.checkpoint import (
     check_checkpoint_path,
     check_resume,
     find_checkpoint,
+    load_checkpoint,
     load_state_into,
     read_meta,
     read_meta_for,
@@ -50,14 +62,30 @@ from vmt.checkpoint import (
 )
 from vmt.config_fields import config_from_dict
 from vmt.encoders.teacher import TeacherTargets
-from vmt.inference.objective import LossResult, NonFiniteLoss, optimiser_step, reseed, svi_loss
+from vmt.inference.objective import (
+    LossResult,
+    NonFiniteLoss,
+    SVILoss,
+    batch_counts,
+    optimiser_step,
+    reseed,
+)
 from vmt.inference.subsequences import (
     Curriculum,
     FeatureLookup,
+    MemmapSampler,
     SubsequenceSampler,
     suffix_parallel_batch,
 )
-from vmt.inference.windows import DocumentStreams, StreamCursor, attach_carried, batch_to
+from vmt.inference.windows import (
+    DocumentStreams,
+    StreamCursor,
+    Window,
+    attach_carried,
+    batch_to,
+    shard_order,
+)
+from vmt.models.batch import ChainBatch
 from vmt.models.tokens import sharing_scores
 
 logger = logging.getLogger(__name__)
@@ -188,115 +216,228 @@ class TrainResult:
 
 
 class Trainer:
-    """Runs SVI on a VMT.
+    """Runs SVI on a VMT: the one trainer of both launch modes, here in one process.
+
+    One process is the world-size-1 case of a distributed run: rank 0 of 1 samples the same
+    batches (or reads the same windows), seeds every step from ``(config.seed, step, 0)``,
+    computes the same loss (:class:`vmt.inference.objective.SVILoss`, normalised by the counts
+    of its own batch), takes the same step (:func:`vmt.inference.objective.optimiser_step`) and
+    writes the same checkpoints as :class:`vmt.inference.distributed.DistributedTrainer` alone.
+    That subclass only joins the process group: it wraps the loss in DDP (which all-reduces the
+    gradients) and implements the collectives (:meth:`_all_reduce`, :meth:`_all_gather`,
+    :meth:`_barrier`), which are the identity here.
+
+    ``config.batch_size`` and ``config.budget`` are per rank. In the windows regime
+    ``config.batch_size`` is the number of streams of each rank, and rank ``r`` of ``W`` reads
+    only its share of the documents (:func:`vmt.inference.windows.shard_order`; one process
+    reads them all, longest first).
 
     Args:
         vmt: the model (its reader, if any, trains with it).
-        documents: training documents, ``(time,)`` tokens or ``(time, obs)`` arrays.
+        documents: training documents, ``(time,)`` tokens or ``(time, obs)`` arrays, or a
+            :class:`vmt.data.memmap.MemmapCorpus` (sampled or read straight from its memory
+            map).
         config: :class:`TrainConfig`.
         features: lookup of cached guide features per document (frozen encoder), or
             ``None`` when the VMT has a trainable reader.
-        checkpoint_dir: where checkpoints go (``None``: none are written).
+        checkpoint_dir: where checkpoints go (``None``: none are written; rank 0 writes them).
+        meta: extra JSON stored in checkpoints (and compared on resume).
         teacher: a pretrained LM's next-token distributions per document
             (:class:`~vmt.encoders.teacher.TeacherTargets`), needed when
             ``config.distill_weight > 0``: the loss then adds ``distill_weight`` times the
-            cross-entropy of the VMT's next-token predictive against them (teacher-forced).
-        reseed_every_step: seed the sampler generator and the global RNG of every device from
-            ``(seed, step, 0)`` before each step, as
-            :class:`vmt.inference.distributed.DistributedTrainer` does (then this trainer and a
-            one-rank distributed run take the same steps). Default: one generator seeded with
-            ``config.seed`` and the global RNG as the caller left it, both continuing from step
-            to step (saved in checkpoints, with the CUDA generator of the model's device when
-            it is on one, so a resume repeats the uninterrupted run).
-
-    The loss is :func:`vmt.inference.objective.svi_loss` (this batch alone) and the step
-    :func:`vmt.inference.objective.optimiser_step`, both shared with the distributed trainer.
+            cross-entropy of the VMT's next-token predictive against them (teacher-forced; one
+            process only).
+        device: where the model and batches live; the model is moved there (default: where
+            its parameters are).
     """
 
     def __init__(
         self,
         vmt,
-        documents: Sequence[torch.Tensor],
+        documents,
         config: TrainConfig,
         features: FeatureLookup | None = None,
         checkpoint_dir: str | Path | None = None,
         meta: dict | None = None,
         teacher: TeacherTargets | None = None,
-        reseed_every_step: bool = False,
+        *,
+        device: torch.device | str | None = None,
     ):
         if features is None and vmt.reader is None:
             raise ValueError("give cached features or a VMT with a trainable reader")
+        self.rank, self.world_size = self._join()
+        from vmt.data.memmap import MemmapCorpus
+
+        if isinstance(documents, MemmapCorpus):
+            self.documents = documents.documents
+            self.lengths = [int(n) for n in documents.length_array]
+        else:
+            self.documents = documents if isinstance(documents, Sequence) else list(documents)
+            self.lengths = [len(d) for d in self.documents]
         if config.distill_weight > 0:
             if teacher is None:
                 raise ValueError("distill_weight > 0 needs teacher targets")
+            if self.world_size > 1:
+                raise ValueError(f"distillation (distill_weight > 0) runs in one process, "
+                                 f"not {self.world_size} ranks")
             if not hasattr(vmt.emission, "predictive_log_probs"):
                 raise ValueError(
                     f"distillation needs an emission with a next-token predictive (the token "
                     f"family), got emission {vmt.config.emission!r}")
-            if len(teacher) != len(documents):
-                raise ValueError(f"teacher targets cover {len(teacher)} documents, training has {len(documents)}")
+            if len(teacher) != len(self.lengths):
+                raise ValueError(f"teacher targets cover {len(teacher)} documents, training has {len(self.lengths)}")
         self.teacher = teacher
-        self.reseed_every_step = reseed_every_step
-        self.vmt = vmt
-        self.documents = list(documents)
+        self.device = torch.device(device) if device is not None else next(vmt.parameters()).device
+        self.vmt = vmt.to(self.device)
         self.config = config
         self.features = features
         self.checkpoint_dir = check_checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
         self.meta = dict(meta or {})
-        params = [p for p in vmt.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.sampler = SubsequenceSampler(self.documents, features, self.generator)
+        self.generator = torch.Generator()  # seeded before every step (:func:`reseed`)
+        if isinstance(documents, MemmapCorpus):
+            self.sampler = MemmapSampler(documents, features, self.generator)
+        else:
+            self.sampler = SubsequenceSampler(self.documents, features, self.generator)
         self.curriculum = Curriculum(config.min_length, config.max_length, config.steps_per_length)
-        self.step = 0
-        self.history: list[dict] = []
-        # the windows regime's place in the document streams and its carried states
+        # the windows regime's place in this rank's document streams and its carried states
         self.cursor: StreamCursor | None = None
         if config.regime == "windows":
-            self.cursor = StreamCursor(DocumentStreams(
-                self.documents, config.batch_size, config.window, features, config.overlap))
+            readable = sum(n > 0 for n in self.lengths)
+            if readable < self.world_size:
+                raise ValueError(
+                    f"the windows regime gives every rank its own documents: {readable} "
+                    f"non-empty documents cannot feed {self.world_size} ranks")
+            self.cursor = StreamCursor(self.streams_for(self.rank, self.world_size))
+        self.loss_module = SVILoss(self.vmt, config)
+        self.model = self._wrap(self.loss_module)
+        self.params = [p for p in self.vmt.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate)
+        self.step = 0
+        self.history: list[dict] = []
+
+    @property
+    def config(self) -> TrainConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: TrainConfig) -> None:
+        """A new config (e.g. more ``steps``) reaches the loss as well."""
+        self._config = value
+        if hasattr(self, "loss_module"):
+            self.loss_module.config = value
+
+    # -- the process group: one process here (DistributedTrainer overrides these) -----------
+    def _join(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of this process."""
+        return 0, 1
+
+    def _wrap(self, loss: torch.nn.Module) -> torch.nn.Module:
+        """The module the step calls (DDP around the loss on a process group)."""
+        return loss
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks, on the CPU."""
+        return values.cpu()
+
+    def _all_gather(self, value) -> list:
+        """Every rank's ``value`` (a picklable object), in rank order."""
+        return [value]
+
+    def _barrier(self) -> None:
+        """Wait for every rank."""
+
+    def streams_for(self, rank: int, world_size: int) -> DocumentStreams:
+        """The document streams rank ``rank`` of ``world_size`` reads in the windows regime
+        (its share of the documents, longest first; ``config.batch_size`` streams)."""
+        c = self.config
+        return DocumentStreams(
+            self.documents, c.batch_size, c.window, self.features, c.overlap,
+            order=shard_order(self.lengths, rank, world_size), lengths=self.lengths,
+        )
 
     # -- state ----------------------------------------------------------------------------
-    def save(self) -> Path | None:
-        if self.checkpoint_dir is None:
-            return None
-        tensors = {
-            "rng.torch": torch.get_rng_state(),
-            "rng.sampler": self.generator.get_state(),
-        }
-        device = self._device()
-        if device.type == "cuda":  # the guide's noise on a GPU comes from its own generator
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        if self.cursor is not None:
-            tensors.update({f"carried.{d}": x.cpu() for d, x in self.cursor.carried.items()})
-        meta = {
-            **self.meta,
-            "train_config": dataclasses.asdict(self.config),
-            "step": self.step,
-            "window_index": self.cursor.window_index if self.cursor is not None else 0,
-            "history": self.history,
-        }
-        return save_checkpoint(self.checkpoint_dir, self.vmt, optimizer=self.optimizer, meta=meta, tensors=tensors)
+    def _stream_state(self) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """Every rank's window index and carried states (a collective: all ranks call it)."""
+        if self.cursor is None:
+            return [], {}
+        mine = (self.cursor.window_index, {d: x.cpu() for d, x in self.cursor.carried.items()})
+        everyone = self._all_gather(mine)
+        indices = [int(index) for index, _ in everyone]
+        tensors = {f"carried.{d}": x for _, carried in everyone for d, x in carried.items()}
+        return indices, tensors
 
-    def resume(self, accept_schedule: bool = False) -> bool:
+    def save(self) -> Path | None:
+        """Rank 0 writes a checkpoint (model, optimiser, step, history); every rank waits for it.
+
+        In the windows regime the checkpoint also holds every rank's window index
+        (``window_indices``; ``window_index`` is rank 0's) and the carried states of the
+        documents that continue, keyed by document (``carried.<document>``), gathered from all
+        ranks. No random state is saved: every step is seeded from ``(seed, step, rank)``.
+        """
+        indices, tensors = self._stream_state()
+        path = None
+        if self.rank == 0 and self.checkpoint_dir is not None:
+            meta = {
+                **self.meta,
+                "train_config": dataclasses.asdict(self.config),
+                "step": self.step,
+                "window_index": indices[0] if indices else 0,
+                "window_indices": indices,
+                "history": self.history,
+                "world_size": self.world_size,
+            }
+            path = save_checkpoint(self.checkpoint_dir, self.vmt, optimizer=self.optimizer, meta=meta,
+                                   tensors=tensors)
+        self._barrier()
+        return path if self.rank == 0 else self.checkpoint_dir
+
+    def _same_streams(self, meta: dict) -> bool:
+        """Whether a checkpoint's stream positions mean the same windows for this run."""
+        written = meta.get("train_config", {})
+        same_layout = all(written.get(k) == getattr(self.config, k)
+                          for k in ("regime", "batch_size", "window", "overlap"))
+        indices = meta.get("window_indices", [meta.get("window_index", 0)])
+        return (same_layout and int(meta.get("world_size", 1)) == self.world_size
+                and len(indices) == self.world_size)
+
+    def resume(self, accept_schedule: bool = False, accept_layout: bool = False) -> bool:
         """Continue from ``checkpoint_dir`` if it holds a checkpoint; True if it did.
 
         Refuses (ValueError) a checkpoint of another model config, other data or vocabulary
         (``meta``) or other training settings; changed schedule values (learning rate, clipping,
-        annealing) only with ``accept_schedule``, and then they take effect.
+        annealing) only with ``accept_schedule``, and then they take effect. The per-rank
+        layout (``batch_size``, ``window``, ``overlap``) may change with ``accept_layout``
+        (:func:`vmt.inference.distributed.distributed_fit` passes it: per-rank sizes are chosen
+        with the number of ranks) or when the number of ranks changed; the streams then restart.
+
+        Model, optimiser and step do not depend on the ranks, so any number of ranks may have
+        written the checkpoint. In the windows regime each rank also takes back its window index
+        and carried states when the checkpoint was written by the same number of ranks with the
+        same layout; otherwise the windows differ, and every rank restarts its streams at the first
+        window of an epoch with no carried state (training continues from the saved model and
+        optimiser). The random-number states of checkpoints written before every step was
+        seeded (``rng.*``) are not needed and are ignored.
         """
         if self.checkpoint_dir is None or find_checkpoint(self.checkpoint_dir) is None:
             return False
-        from vmt.checkpoint import load_checkpoint
-
         # the data, vocabulary and settings first: they say why a model config differs
-        now = {**self.meta, "train_config": dataclasses.asdict(self.config)}
-        changed = check_resume(self.checkpoint_dir, read_meta(self.checkpoint_dir), now, accept_schedule)
-        read_meta_for(self.checkpoint_dir, self.vmt.config)
+        stored = read_meta(self.checkpoint_dir)
+        stored_config = dict(stored.get("train_config", {}))
+        now_config = dataclasses.asdict(self.config)
+        if accept_layout or int(stored.get("world_size", 1)) != self.world_size:
+            layout = ("batch_size", "window", "overlap")
+            stored_config = {k: v for k, v in stored_config.items() if k not in layout}
+            now_config = {k: v for k, v in now_config.items() if k not in layout}
+        changed = check_resume(self.checkpoint_dir, {**stored, "train_config": stored_config},
+                               {**self.meta, "train_config": now_config}, accept_schedule)
+        meta = read_meta_for(self.checkpoint_dir, self.vmt.config)
         if changed:
             logger.warning("resuming with a changed schedule: %s", "; ".join(changed))
-        ckpt = load_checkpoint(self.checkpoint_dir, reader=self.vmt.reader, build_model=False)
-        meta = ckpt.meta
+        if "step" not in meta or "train_config" not in meta:
+            raise ValueError(f"checkpoint {self.checkpoint_dir} was not written by training (no step or "
+                             "train_config); it cannot be resumed, pass --restart")
+        # the tensors as stored (rebuilding the model would cast them to float32)
+        ckpt = load_checkpoint(self.checkpoint_dir, build_model=False)
         load_state_into(self.vmt, ckpt.model_state, f"checkpoint {self.checkpoint_dir}")
         if ckpt.optimizer_state is not None:
             try:
@@ -304,7 +445,7 @@ class Trainer:
             except (ValueError, KeyError, RuntimeError) as err:
                 raise ValueError(f"checkpoint {self.checkpoint_dir}: its optimizer state does not fit "
                                  f"this model ({str(err).splitlines()[0]}); pass --restart") from err
-            for p in (p for g in self.optimizer.param_groups for p in g["params"]):
+            for p in self.params:
                 for key, value in self.optimizer.state.get(p, {}).items():
                     if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
                         raise ValueError(f"checkpoint {self.checkpoint_dir}: its optimizer state does not fit this "
@@ -312,63 +453,87 @@ class Trainer:
                                          "pass --restart")
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.learning_rate  # the run's (accepted) value, not the stored one
-        if "rng.torch" not in ckpt.tensors or "rng.sampler" not in ckpt.tensors:
-            raise ValueError(f"checkpoint {self.checkpoint_dir} was not written by training (no random-number "
-                             "states); it cannot be resumed, pass --restart")
-        torch.set_rng_state(ckpt.tensors["rng.torch"])
-        self.generator.set_state(ckpt.tensors["rng.sampler"])
-        device = self._device()
-        if device.type == "cuda" and "rng.cuda" in ckpt.tensors:
-            torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], device)
-        if self.cursor is not None:
-            carried = {int(k.split(".", 1)[1]): v.to(self._device())
-                       for k, v in ckpt.tensors.items() if k.startswith("carried.")}
-            self.cursor = StreamCursor(self.cursor.streams, int(meta.get("window_index", 0)), carried)
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
-        logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        if self.cursor is not None:
+            self.cursor.restart()
+            if self._same_streams(meta):
+                indices = meta.get("window_indices", [meta.get("window_index", 0)])
+                share = set(self.cursor.streams.order)
+                self.cursor.window_index = int(indices[self.rank])
+                self.cursor.carried = {
+                    d: v.to(self.device)
+                    for k, v in ckpt.tensors.items()
+                    if k.startswith("carried.") and (d := int(k.split(".", 1)[1])) in share
+                }
+            else:
+                logger.info("rank %d restarts its document streams (the checkpoint's streams were "
+                            "laid out for another rank count or layout)", self.rank)
+        logger.info("rank %d resumed from %s at step %d (written by %s ranks, now %d)", self.rank,
+                    self.checkpoint_dir, self.step, meta.get("world_size", 1), self.world_size)
         return True
 
     # -- one step -------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        """Where the model's parameters live (batches are built on the CPU and moved there)."""
-        return next(self.vmt.parameters()).device
+    def _reseed(self, step: int, rank: int) -> None:
+        reseed(self.generator, self.config.seed, step, rank)
 
-    def _skip(self) -> int | None:
+    def _draw_skip(self) -> int | None:
         if self.config.max_skip < 2:
             return None
         return int(torch.randint(2, self.config.max_skip + 1, (1,), generator=self.generator))
 
-    def loss(self, annealing: float):
-        with sharing_scores(self.vmt):  # the ELBO and the distillation share the token scores
-            return self._loss(annealing)
-
-    def _loss(self, annealing: float) -> tuple[LossResult, object]:
-        """The step's batch and its :func:`vmt.inference.objective.svi_loss` (this batch
-        alone), and the window it read (windows regime; else ``None``)."""
+    def sample_batch(self, step: int, rank: int | None = None) -> tuple[ChainBatch, int | None]:
+        """Rank ``rank``'s (default: this rank's) batch and skip length of ``step`` (subsequence
+        regime), on the model's device; reseeds the generator and the global RNG from
+        :func:`vmt.inference.objective.step_seed` first (so the guide's noise of the step
+        follows too)."""
         c = self.config
-        if self.reseed_every_step:
-            reseed(self.generator, c.seed, self.step, 0)
-        teacher = None
-        if c.regime == "subsequence":
-            base = self.sampler.sample(c.batch_size, self.curriculum.length_at(self.step))
-            batch = suffix_parallel_batch(base, c.budget, min(c.min_length, int(base.end.max()))) if c.suffix_parallel else base
-            window = None
-        else:
-            window = self.cursor.next_window()
-            batch = attach_carried(window, self.cursor.carried, self.vmt.config.state_dim)
-            if c.distill_weight > 0:
-                teacher = self.teacher.window(window.documents, window.offsets, batch.num_steps)
-        batch = batch_to(batch, self._device())
-        skip = self._skip() if c.aux_weight > 0 else None  # after the batch, same generator
-        return svi_loss(self.vmt, batch, c, annealing, skip, teacher=teacher), window
+        self._reseed(step, self.rank if rank is None else rank)
+        base = self.sampler.sample(c.batch_size, self.curriculum.length_at(step))
+        if c.suffix_parallel:
+            base = suffix_parallel_batch(base, c.budget, min(c.min_length, int(base.end.max())))
+        skip = self._draw_skip()
+        return batch_to(base, self.device), skip
 
-    # -- one step and the loop --------------------------------------------------------------
+    def window_batch(
+        self, step: int, cursor: StreamCursor | None = None, rank: int | None = None
+    ) -> tuple[ChainBatch, int | None, Window]:
+        """The next window of ``cursor`` (default: this rank's) as a batch on the model's
+        device with the carried states as ``x0``, the skip length, and the window itself
+        (windows regime); reseeds like :meth:`sample_batch`."""
+        if cursor is None:
+            if self.cursor is None:
+                raise ValueError("window_batch needs regime='windows' or a cursor")
+            cursor = self.cursor
+        self._reseed(step, self.rank if rank is None else rank)
+        window = cursor.next_window()
+        batch = attach_carried(window, cursor.carried, self.vmt.config.state_dim)
+        return batch_to(batch, self.device), self._draw_skip(), window
+
+    def loss(self, annealing: float) -> tuple[LossResult, Window | None, torch.Tensor]:
+        """The step's batch and its loss share (:class:`vmt.inference.objective.SVILoss`):
+        the :class:`~vmt.inference.objective.LossResult`, the window it read (windows regime;
+        else ``None``) and the ``(3,)`` counts summed over the ranks (tokens first)."""
+        with sharing_scores(self.vmt):  # the ELBO and the distillation share the token scores
+            c = self.config
+            window = None
+            if self.cursor is not None:
+                batch, skip, window = self.window_batch(self.step)
+            else:
+                batch, skip = self.sample_batch(self.step)
+            teacher = None
+            if c.distill_weight > 0 and window is not None:
+                teacher = self.teacher.window(window.documents, window.offsets, batch.num_steps)
+            totals = self._all_reduce(batch_counts(batch, skip))
+            result = self.model(batch, annealing, skip, totals, self.world_size, teacher=teacher)
+        return result, window, totals
+
     def train_step(self, annealing: float) -> dict:
-        """One optimiser step; returns ``tokens``, ``elbo_per_token``, ``loss`` and the split of
-        the negative ELBO, ``reconstruction_per_token`` and ``kl_per_token``."""
+        """One optimiser step; returns (over all ranks) ``tokens``, ``elbo_sum``,
+        ``elbo_per_token``, ``loss`` and the split of the negative ELBO,
+        ``reconstruction_per_token`` and ``kl_per_token``."""
         try:
-            result, window = self.loss(annealing)
+            result, window, totals = self.loss(annealing)
         except ValueError as err:
             if "to satisfy the constraint" not in str(err):
                 raise
@@ -376,17 +541,30 @@ class Trainer:
             # out-of-range) distribution parameters, i.e. the model diverged
             raise NonFiniteLoss(f"invalid distribution parameters at step {self.step + 1} "
                                 f"({str(err).splitlines()[0][:120]})") from err
-        optimiser_step(self.vmt, self.optimizer, result.loss, self.config, self.step)
+        local = torch.cat([torch.stack([result.loss.detach(), result.elbo_sum]), result.split_sums()])
+        sums: list[torch.Tensor] = []
+
+        def global_loss() -> float:
+            # after backward: every rank checks the same sum, so a non-finite loss on any
+            # rank stops all of them
+            sums.append(self._all_reduce(local.double().cpu()))
+            return float(sums[0][0])
+
+        optimiser_step(self.vmt, self.optimizer, result.loss, self.config, self.step, global_loss)
         if window is not None:
             self.cursor.carry(window, result.terms.x)
         self.step += 1
-        recon, kl = result.split_per_token()
-        return {"tokens": result.tokens, "elbo_per_token": result.elbo_per_token,
-                "loss": float(result.loss.detach()), "reconstruction_per_token": recon, "kl_per_token": kl}
+        loss, elbo, recon, kl = (float(v) for v in sums[0])
+        tokens = int(totals[0])
+        per = max(tokens, 1)
+        # the ranks' losses sum to W times the loss (DDP averages their gradients)
+        return {"tokens": tokens, "elbo_sum": elbo, "elbo_per_token": elbo / per,
+                "loss": loss / self.world_size, "reconstruction_per_token": recon / per,
+                "kl_per_token": kl / per}
 
     def fit(self, progress: bool = True) -> TrainResult:
-        """Train to ``config.steps`` (:func:`run_steps`)."""
-        return run_steps(self, progress)
+        """Train to ``config.steps`` (:func:`run_steps`); rank 0 shows progress."""
+        return run_steps(self, progress and self.rank == 0)
 
 
 class _HardInterrupt(KeyboardInterrupt):
@@ -430,16 +608,16 @@ class _Signals:
 
 
 def run_steps(trainer, progress: bool = True) -> TrainResult:
-    """The loop every trainer shares: ``trainer.train_step`` to ``config.steps``.
+    """The loop of the trainer (every rank runs it): ``trainer.train_step`` to ``config.steps``.
 
     Logs every ``log_every`` steps into ``trainer.history``, checkpoints every
-    ``checkpoint_every`` steps and at the end (``trainer.save()``, which a distributed trainer
-    calls on every rank), saves on Ctrl-C, and on a non-finite loss or gradient stops and
+    ``checkpoint_every`` steps and at the end (``trainer.save()``, called on every rank), saves
+    on Ctrl-C, and on a non-finite loss or gradient stops and
     keeps the last good checkpoint. The checkpoint folder is locked meanwhile (see
     :class:`vmt.checkpoint.RunLock`); SIGTERM is handled like Ctrl-C.
     """
     ck = trainer.checkpoint_dir
-    lock = RunLock(_lock_path(ck)) if ck is not None and getattr(trainer, "rank", 0) == 0 else None
+    lock = RunLock(_lock_path(ck)) if ck is not None and trainer.rank == 0 else None
     if lock is None:
         return _run_steps(trainer, progress)
     with lock:
@@ -532,7 +710,9 @@ def fit(vmt, documents, config: TrainConfig, features: FeatureLookup | None = No
         checkpoint_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
         meta: dict | None = None, accept_schedule: bool = False,
         teacher: TeacherTargets | None = None) -> TrainResult:
-    """Train ``vmt`` by SVI (see :class:`Trainer`); resumes from ``checkpoint_dir`` if asked."""
+    """Train ``vmt`` by SVI in this process (see :class:`Trainer`; under ``torchrun`` use
+    :func:`vmt.inference.distributed.distributed_fit`); resumes from ``checkpoint_dir`` if
+    asked."""
     trainer = Trainer(vmt, documents, config, features, checkpoint_dir, meta, teacher)
     if resume:
         trainer.resume(accept_schedule)
