@@ -106,15 +106,24 @@ def train_and_evaluate(kind: str, seed: int, steps: int, batch: int, max_length:
     lm = build(kind, TASK.vocab_size)
     batches = training_stream(seed, steps, batch, max_length)
     train(lm, batches, TrainConfig(steps=steps, lr=LR, warmup=WARMUP), log_every=0)
+
+    def answers(tokens, targets, qpos):
+        return (lm(tokens).argmax(-1).gather(1, qpos) == targets.gather(1, qpos)).float().sum(0)
+
+    return accuracy(seed, n_eval, answers)
+
+
+def accuracy(seed: int, n_eval: int, answers) -> dict[int, float]:
+    """Recall accuracy per distance on ``n_eval`` evaluation sequences, the same for every
+    model of a seed; ``answers(tokens, targets, query_pos)`` gives the ``(distances,)``
+    number of queries a batch answered right."""
     gen = torch.Generator().manual_seed(20_000 + seed)
     correct = torch.zeros(len(DISTANCES))
     done = 0
     with torch.no_grad():
         while done < n_eval:
             b = min(128, n_eval - done)
-            tokens, targets, qpos = sample_eval_batch(TASK, b, DISTANCES, gen)
-            pred = lm(tokens).argmax(-1).gather(1, qpos)
-            correct += (pred == targets.gather(1, qpos)).float().sum(0)
+            correct += answers(*sample_eval_batch(TASK, b, DISTANCES, gen))
             done += b
     return {d: float(c) / n_eval for d, c in zip(DISTANCES, correct, strict=True)}
 
@@ -137,7 +146,8 @@ def build_vmt(vocab: int):
 def train_and_evaluate_vmt(seed: int, steps: int, batch: int, max_length: int,
                            n_eval: int) -> tuple[dict[int, float], dict]:
     """The VMT row: one pass over the same training sequences with answers written in, then
-    recall accuracy per distance; also the training record (steps, CPU seconds, bound)."""
+    recall accuracy per distance on the same evaluation sequences as the other rows; also the
+    training record (steps, CPU seconds, bound)."""
     from vmt.inference.predictive import next_token_probs
     from vmt.inference.reading import ReadConfig, read
     from vmt.inference.train import TrainConfig as VMTTrainConfig
@@ -159,23 +169,21 @@ def train_and_evaluate_vmt(seed: int, steps: int, batch: int, max_length: int,
     record = {"steps": passes, "cpu_seconds": time.process_time() - t0,
               "neg_elbo_per_token": -result.history[-1]["elbo_per_token"]}
     vmt.eval()
-    gen = torch.Generator().manual_seed(20_000 + seed)
+    fillers = torch.Generator().manual_seed(30_000 + seed)  # for the queries turned to filler
     values = torch.arange(TASK.value_offset, TASK.value_offset + TASK.n_values)
     read_config = ReadConfig(window=VMT_WINDOW, score=False)
-    correct = torch.zeros(len(DISTANCES))
-    done = 0
-    with torch.no_grad():
-        while done < n_eval:
-            b = min(128, n_eval - done)
-            tokens, targets, qpos = sample_eval_batch(TASK, b, DISTANCES, gen)
-            for r in range(b):
-                for j in range(len(DISTANCES)):
-                    prefix = single_query(TASK, tokens[r], qpos[r], j, gen)
-                    state = read(vmt, prefix, read_config, samples=VMT_SAMPLES).state
-                    guess = values[next_token_probs(vmt, state)[values].argmax()]
-                    correct[j] += float(guess == targets[r, qpos[r, j]])
-            done += b
-    return {d: float(c) / n_eval for d, c in zip(DISTANCES, correct, strict=True)}, record
+
+    def answers(tokens, targets, qpos):
+        right = torch.zeros(len(DISTANCES))
+        for r in range(tokens.shape[0]):
+            for j in range(len(DISTANCES)):
+                prefix = single_query(TASK, tokens[r], qpos[r], j, fillers)
+                state = read(vmt, prefix, read_config, samples=VMT_SAMPLES).state
+                guess = values[next_token_probs(vmt, state)[values].argmax()]
+                right[j] += float(guess == targets[r, qpos[r, j]])
+        return right
+
+    return accuracy(seed, n_eval, answers), record
 
 
 def carried_bytes(kind: str) -> float:
