@@ -64,12 +64,12 @@ class ProbeSetup:
     token_dim: int = 16
     hidden: int = 64
     window: int = 64
-    queries: int = 12
-    max_gap: int = 40
+    queries: int = 24
+    max_gap: int = 20
     train_documents: int = 2000
-    epochs: float = 12.0
+    epochs: float = 8.0
     streams: int = 32
-    learning_rate: float = 1e-2
+    learning_rate: float = 5e-3
     probe_train: int = 60
     probe_test: int = 60
     reads: int = 4
@@ -129,11 +129,13 @@ def fit_probe_model(setup: ProbeSetup, docs: KeyDocuments):
     result = fit(vmt, train, TrainConfig(
         regime="windows", window=setup.window, batch_size=setup.streams, steps=steps,
         learning_rate=setup.learning_rate, lr_decay_steps=steps, lr_final_fraction=0.1,
-        aux_weight=0.0, max_skip=0, log_every=max(1, steps // 20), seed=setup.seed), progress=False)
+        aux_weight=0.0, max_skip=0, log_every=max(1, epoch // 10), seed=setup.seed), progress=False)
     if not result.ok:
         raise RuntimeError(f"probe model training stopped: {result.stopped}")
     vmt.eval()
-    return vmt, result, sum(len(t) for t in train)
+    last = [r for r in result.history if r["step"] > steps - epoch]  # the last pass
+    bound = sum(-r["elbo_per_token"] for r in last) / len(last)
+    return vmt, result, {"chars": sum(len(t) for t in train), "last_pass_neg_elbo": bound}
 
 
 @torch.no_grad()
@@ -234,11 +236,12 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     setup = (ProbeSetup(train_documents=300, epochs=1.0, probe_train=20, probe_test=20)
              if quick else ProbeSetup())
     docs = KeyDocuments(setup.seed)
-    vmt, trained, train_chars = fit_probe_model(setup, docs)
+    vmt, trained, record = fit_probe_model(setup, docs)
+    train_chars = record["chars"]
     distances = (16, 64) if quick else (16, 64, 256, 1024, 4096)
     memory = StateMemoryConfig(capacity=64, store_every=64, threshold=0.9, recall_length=16,
                                min_age=128)
-    rows, metrics = [], {"train_neg_elbo_per_char": -trained.history[-1]["elbo_per_token"],
+    rows, metrics = [], {"train_neg_elbo_per_char": record["last_pass_neg_elbo"],
                          "train_steps": float(trained.steps), "train_chars": float(train_chars)}
     found = {}
     for d in distances:
@@ -308,8 +311,9 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         f"{trained.steps} steps ({setup.epochs:g} passes) over {setup.train_documents} key "
         f"documents of {train_chars} characters in all: each states its key once and asks for "
         f"it {setup.queries} times, after 0 to {setup.max_gap} filler characters each. Adam lr "
-        f"{setup.learning_rate} with a cosine decay to a tenth; final training -ELBO "
-        f"{metrics['train_neg_elbo_per_char']:.3f} nats per character (one batch). "
+        f"{setup.learning_rate} with a cosine decay to a tenth; training -ELBO over the last pass "
+        f"{metrics['train_neg_elbo_per_char']:.3f} nats per character (mean of the logged "
+        "windows; most characters are text, and every answer after the first is predictable). "
         + " ".join(reading),
     ])
     return BenchResult(NAME, metrics, {"quick": quick, "distances": list(distances),
