@@ -61,6 +61,8 @@ VMT_WINDOW = 2 * SEGMENT
 VMT_MEMORY = 128
 VMT_TOKEN = 16
 VMT_SAMPLES = 16  # rows of the read state (particles of the predictive)
+LABELS = {"folded": "folded (2 local + 2 global)", "windowed": "windowed (window 2l)",
+          "cache": "1-segment cache (XL)", "vmt": "VMT (window 2l, state carried)"}
 
 
 def build(kind: str, vocab: int) -> SegmentLM:
@@ -232,20 +234,9 @@ def _near(profile: dict[str, list[float]], key: str, length: int, k: int = 3) ->
     return vals[len(vals) // 2]
 
 
-def run(quick: bool, figure_dir: Path) -> BenchResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    torch.set_num_threads(1)
-    settings = (
-        dict(seeds=[0], steps=250, batch=32, max_length=136, n_eval=128, stream_tokens=16384)
-        if quick
-        else dict(seeds=[0, 1, 2], steps=400, batch=32, max_length=200, n_eval=512,
-                  stream_tokens=65536)
-    )
-    metrics: dict[str, float] = {"chance_accuracy": TASK.chance}
+def _recall_rows(settings: dict, metrics: dict) -> tuple[dict, list[dict]]:
+    """Train and score every row for every seed: accuracies per row and seed, the VMT's
+    training records; parameters, carried bytes and accuracies go into ``metrics``."""
     acc: dict[str, list[dict[int, float]]] = {k: [] for k in ROWS}
     t_train, vmt_records = {}, []
     for kind in ROWS:
@@ -272,6 +263,17 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
             metrics[f"acc_{kind}_d{d}"] = sum(r[d] for r in acc[kind]) / len(acc[kind])
     metrics["train_time_ratio_folded_over_windowed"] = t_train["folded"] / t_train["windowed"]
 
+    trials = settings["n_eval"] * len(settings["seeds"])  # queries per distance, pooled
+    for kind in ROWS:
+        for d in DISTANCES:
+            lo, hi = wilson_interval(round(metrics[f"acc_{kind}_d{d}"] * trials), trials)
+            metrics[f"acc_{kind}_d{d}_lo"], metrics[f"acc_{kind}_d{d}_hi"] = lo, hi
+    return acc, vmt_records
+
+
+def _streaming(settings: dict, metrics: dict) -> tuple[dict, list[int], float, float]:
+    """The folded model's streaming profile, its ratios to the values at 3k tokens in
+    ``metrics``; returns the profile, the lengths reported and the two bases."""
     prof = streaming_profile(settings["stream_tokens"])
     lengths = [n for n in (1024, 4096, 16384, 65536) if n <= settings["stream_tokens"]]
     base_t = _near(prof, "per_token", 1024 * 3)  # blocks 1-3: after the first warm-up
@@ -283,13 +285,21 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     metrics["stream_state_bytes_ratio_last_vs_first"] = prof["state_bytes"][-1] / prof[
         "state_bytes"][0]
 
+    return prof, lengths, base_t, base_rss
+
+
+def _figure(acc: dict, metrics: dict, prof: dict, base_t: float, base_rss: float, figure_dir: Path) -> Path:
+    """Recall against distance per row, and the streaming ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = {"folded": "folded (2 local + 2 global)", "windowed": "windowed (window 2l)",
-              "cache": "1-segment cache (XL)", "vmt": "VMT (window 2l, state carried)"}
     for kind, marker in zip(ROWS, "osd^", strict=True):
         mean = [metrics[f"acc_{kind}_d{d}"] for d in DISTANCES]
-        (line,) = axes[0].plot(DISTANCES, mean, marker=marker, label=labels[kind])
+        (line,) = axes[0].plot(DISTANCES, mean, marker=marker, label=LABELS[kind])
         for r in acc[kind]:
             axes[0].scatter(DISTANCES, [r[d] for d in DISTANCES], color=line.get_color(),
                             alpha=0.35, s=12)
@@ -314,15 +324,18 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     fig.savefig(fig_path, dpi=110)
     plt.close(fig)
 
+    return fig_path
+
+
+def _markdown(settings: dict, metrics: dict, acc: dict, vmt_records: list[dict], lengths: list[int]) -> str:
+    """The page's section: the recall table with intervals, what each row did, streaming."""
     acc_rows = []
     trials = settings["n_eval"] * len(settings["seeds"])
     for kind in ROWS:
-        row = [labels[kind], int(metrics[f"params_{kind}"]), int(metrics[f"carried_bytes_{kind}"])]
+        row = [LABELS[kind], int(metrics[f"params_{kind}"]), int(metrics[f"carried_bytes_{kind}"])]
         for d in DISTANCES:
             per_seed = "/".join(f"{r[d]:.2f}" for r in acc[kind])
-            mean = metrics[f"acc_{kind}_d{d}"]
-            lo, hi = wilson_interval(round(mean * trials), trials)
-            metrics[f"acc_{kind}_d{d}_lo"], metrics[f"acc_{kind}_d{d}_hi"] = lo, hi
+            mean, lo, hi = (metrics[f"acc_{kind}_d{d}{end}"] for end in ("", "_lo", "_hi"))
             row.append(f"{mean:.3f} [{lo:.2f}, {hi:.2f}] ({per_seed})")
         acc_rows.append(row)
     vmt_cpu = sum(r["cpu_seconds"] for r in vmt_records) / len(vmt_records)
@@ -335,7 +348,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     ]
     folded256 = metrics["acc_folded_d256"]
     windowed256 = metrics["acc_windowed_d256"]
-    markdown = "\n\n".join([
+    return "\n\n".join([
         f"Recall with {TASK.n_pairs} key-value pair(s) at the start of the sequence, "
         f"random filler, and one query at each distance d (chance "
         f"{TASK.chance:.3f}). Segment length l = {SEGMENT}; all models width 64, 4 heads, "
@@ -385,6 +398,21 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         "full-attention model's per-token cost would grow linearly.",
         markdown_table(["tokens", "time per token / at 3k", "RSS / at 3k"], stream_rows),
     ])
+
+
+def run(quick: bool, figure_dir: Path) -> BenchResult:
+    torch.set_num_threads(1)
+    settings = (
+        dict(seeds=[0], steps=250, batch=32, max_length=136, n_eval=128, stream_tokens=16384)
+        if quick
+        else dict(seeds=[0, 1, 2], steps=400, batch=32, max_length=200, n_eval=512,
+                  stream_tokens=65536)
+    )
+    metrics: dict[str, float] = {"chance_accuracy": TASK.chance}
+    acc, vmt_records = _recall_rows(settings, metrics)
+    prof, lengths, base_t, base_rss = _streaming(settings, metrics)
+    fig_path = _figure(acc, metrics, prof, base_t, base_rss, figure_dir)
+    markdown = _markdown(settings, metrics, acc, vmt_records, lengths)
     return BenchResult(
         benchmark=NAME,
         metrics=metrics,

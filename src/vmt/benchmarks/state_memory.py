@@ -226,12 +226,81 @@ def _cell(value: tuple[float, float, float]) -> str:
     return f"{value[0]:.2f} [{value[1]:.2f}, {value[2]:.2f}]"
 
 
-def run(quick: bool, figure_dir: Path) -> BenchResult:
+def _figure(found: dict, distances: tuple, setup: ProbeSetup, figure_dir: Path) -> Path:
+    """Model p and probe accuracy against distance, with their intervals, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, kind, title in ((axes[0], "model", "model's p(key | state), renormalised"),
+                            (axes[1], "probe", "linear probe accuracy (held out)")):
+        for m in METHODS:
+            values = [found[d][m][kind] for d in distances]
+            (line,) = ax.plot(distances, [v[0] for v in values], marker="o", label=m.replace("_", " "))
+            ax.fill_between(distances, [v[1] for v in values], [v[2] for v in values],
+                            color=line.get_color(), alpha=0.15)
+        ax.axhline(0.1, color="grey", ls=":", lw=1, label="chance")
+        ax.axvline(setup.window, color="grey", ls="--", lw=0.8, label="reading window")
+        ax.set_xscale("log")
+        ax.set_xlabel("distance d (characters)")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    figure = Path(figure_dir) / "state_memory.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
+
+    return figure
+
+
+def _markdown(setup: ProbeSetup, metrics: dict, rows: list, distances: tuple, trained, train_chars: int,
+              figure: Path) -> str:
+    """The page's section: the table, the figure, the model and what the numbers say."""
+    header = ["distance d"] + [f"{m.replace('_', ' ')}: {k}" for m in METHODS
+                               for k in ("model p", "probe acc")]
+    near, far4 = distances[0], 4 * setup.window
+    reading = [f"At d = {near} (inside one window) the carried state's probe accuracy is "
+               f"{metrics[f'probe_acc_carried_d{near}']:.2f} and the model's own p(key) "
+               f"{metrics[f'key_prob_carried_d{near}']:.2f}."]
+    if far4 in distances:
+        reading.append(
+            f"At d = {far4}, four reading windows back, the carried state's probe accuracy is "
+            f"{metrics[f'probe_acc_carried_d{far4}']:.2f} "
+            f"[{metrics[f'probe_acc_carried_d{far4}_lo']:.2f}, {metrics[f'probe_acc_carried_d{far4}_hi']:.2f}] "
+            f"and the window-only read's {metrics[f'probe_acc_window_only_d{far4}']:.2f}: the key "
+            "is out of the window, so what the carried state knows of it, it carried.")
+    return "\n\n".join([
+        "How much of a key digit written `d` characters back the read state still holds "
+        "(chance 0.1 for every column). *Model p*: the model's own probability of the key as "
+        "the next character, renormalised over the ten digits, mean over "
+        f"{setup.probe_test} probe documents ({setup.reads} reads each; {setup.memory_reads} "
+        "for the state memory) with a normal 95% interval. *Probe acc*: held-out accuracy of a "
+        f"linear (multinomial logistic) probe from the read state to the key, fitted on "
+        f"{setup.probe_train} other documents at the same distance, with a 95% Wilson interval "
+        f"over the {setup.probe_test} test documents. The model reads with a "
+        f"{setup.window}-character window; *window only* reads just the last {setup.window} "
+        "characters, so it equals *carried* until the key leaves the window.",
+        markdown_table(header, rows),
+        f"![state memory](figures/{figure.name})",
+        f"The model is a character-level VMT of the token family (memory {setup.memory_dim}, "
+        f"token slot {setup.token_dim}, GRU reader for fresh starts; its guide's memory step is "
+        f"the model's own) trained in the windows regime ({setup.window}-character windows, "
+        f"{setup.streams} streams, the state carried and detached between windows) for "
+        f"{trained.steps} steps ({setup.epochs:g} passes) over {setup.train_documents} key "
+        f"documents of {train_chars} characters in all: each states its key once and asks for "
+        f"it {setup.queries} times, after 0 to {setup.max_gap} filler characters each. Adam lr "
+        f"{setup.learning_rate} with a cosine decay to a tenth; training -ELBO over the last pass "
+        f"{metrics['train_neg_elbo_per_char']:.3f} nats per character (mean of the logged "
+        "windows; most characters are text, and every answer after the first is predictable). "
+        + " ".join(reading),
+    ])
+
+
+def run(quick: bool, figure_dir: Path) -> BenchResult:
     torch.set_num_threads(1)
     setup = (ProbeSetup(train_documents=300, epochs=1.0, probe_train=20, probe_test=20)
              if quick else ProbeSetup())
@@ -257,65 +326,8 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
                 row.append(_cell(got[m][kind]))
         rows.append(row)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, kind, title in ((axes[0], "model", "model's p(key | state), renormalised"),
-                            (axes[1], "probe", "linear probe accuracy (held out)")):
-        for m in METHODS:
-            values = [found[d][m][kind] for d in distances]
-            (line,) = ax.plot(distances, [v[0] for v in values], marker="o", label=m.replace("_", " "))
-            ax.fill_between(distances, [v[1] for v in values], [v[2] for v in values],
-                            color=line.get_color(), alpha=0.15)
-        ax.axhline(0.1, color="grey", ls=":", lw=1, label="chance")
-        ax.axvline(setup.window, color="grey", ls="--", lw=0.8, label="reading window")
-        ax.set_xscale("log")
-        ax.set_xlabel("distance d (characters)")
-        ax.set_title(title, fontsize=9)
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    figure = Path(figure_dir) / "state_memory.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=120)
-    plt.close(fig)
-
-    header = ["distance d"] + [f"{m.replace('_', ' ')}: {k}" for m in METHODS
-                               for k in ("model p", "probe acc")]
-    near, far4 = distances[0], 4 * setup.window
-    reading = [f"At d = {near} (inside one window) the carried state's probe accuracy is "
-               f"{metrics[f'probe_acc_carried_d{near}']:.2f} and the model's own p(key) "
-               f"{metrics[f'key_prob_carried_d{near}']:.2f}."]
-    if far4 in distances:
-        reading.append(
-            f"At d = {far4}, four reading windows back, the carried state's probe accuracy is "
-            f"{metrics[f'probe_acc_carried_d{far4}']:.2f} "
-            f"[{metrics[f'probe_acc_carried_d{far4}_lo']:.2f}, {metrics[f'probe_acc_carried_d{far4}_hi']:.2f}] "
-            f"and the window-only read's {metrics[f'probe_acc_window_only_d{far4}']:.2f}: the key "
-            "is out of the window, so what the carried state knows of it, it carried.")
-    markdown = "\n\n".join([
-        "How much of a key digit written `d` characters back the read state still holds "
-        "(chance 0.1 for every column). *Model p*: the model's own probability of the key as "
-        "the next character, renormalised over the ten digits, mean over "
-        f"{setup.probe_test} probe documents ({setup.reads} reads each; {setup.memory_reads} "
-        "for the state memory) with a normal 95% interval. *Probe acc*: held-out accuracy of a "
-        f"linear (multinomial logistic) probe from the read state to the key, fitted on "
-        f"{setup.probe_train} other documents at the same distance, with a 95% Wilson interval "
-        f"over the {setup.probe_test} test documents. The model reads with a "
-        f"{setup.window}-character window; *window only* reads just the last {setup.window} "
-        "characters, so it equals *carried* until the key leaves the window.",
-        markdown_table(header, rows),
-        f"![state memory](figures/{figure.name})",
-        f"The model is a character-level VMT of the token family (memory {setup.memory_dim}, "
-        f"token slot {setup.token_dim}, GRU reader for fresh starts; its guide's memory step is "
-        f"the model's own) trained in the windows regime ({setup.window}-character windows, "
-        f"{setup.streams} streams, the state carried and detached between windows) for "
-        f"{trained.steps} steps ({setup.epochs:g} passes) over {setup.train_documents} key "
-        f"documents of {train_chars} characters in all: each states its key once and asks for "
-        f"it {setup.queries} times, after 0 to {setup.max_gap} filler characters each. Adam lr "
-        f"{setup.learning_rate} with a cosine decay to a tenth; training -ELBO over the last pass "
-        f"{metrics['train_neg_elbo_per_char']:.3f} nats per character (mean of the logged "
-        "windows; most characters are text, and every answer after the first is predictable). "
-        + " ".join(reading),
-    ])
+    figure = _figure(found, distances, setup, figure_dir)
+    markdown = _markdown(setup, metrics, rows, distances, trained, train_chars, figure)
     return BenchResult(NAME, metrics, {"quick": quick, "distances": list(distances),
                                        "window": setup.window, "setup": asdict(setup)},
                        markdown=markdown, figures=[figure])
