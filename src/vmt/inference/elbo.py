@@ -95,7 +95,7 @@ def auxiliary_losses(terms: ElboTerms, batch: ChainBatch, skip: int | None = Non
     out: dict[str, torch.Tensor] = {}
     carried_first = batch.first_mask() & batch.carried_rows()[:, None]
     if bool(carried_first.any()):
-        first = guide._distribution(guide.first_loc, guide.first_scale, guide.first_combined)
+        first = guide.step_distribution(guide.first_loc, guide.first_scale, guide.first_combined)
         lp = first.log_prob(x)
         out["init"] = -lp[carried_first].mean()
     else:
@@ -112,6 +112,6 @@ def auxiliary_losses(terms: ElboTerms, batch: ChainBatch, skip: int | None = Non
             ctx = net.skip_context(guide.context[:, 1 : batch.num_steps - t + 1], t)
             ctx = net.with_target(ctx, guide.context[:, t:])
             loc, scale, combined = net.step_params(x[:, :-t], ctx, skip=t)
-            lp = guide._distribution(loc, scale, combined).log_prob(x[:, t:])
+            lp = guide.step_distribution(loc, scale, combined).log_prob(x[:, t:])
             out["skip"] = -lp[valid].mean()
     return out

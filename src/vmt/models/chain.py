@@ -159,7 +159,10 @@ class GuideChain(_ChainDistribution):
         self.first_loc, self.first_scale, self.first_combined = net.first_params(context)
         self.step_context = net.skip_context(context, 1)
 
-    def _distribution(self, loc, scale, combined) -> dist.TorchDistribution:
+    def step_distribution(self, loc, scale, combined) -> dist.TorchDistribution:
+        """The guide's distribution of one state given its parameters (``first_params`` or
+        ``step_params`` of the net): the net's own step distribution, a full-covariance normal
+        for a Cholesky factor, else a diagonal normal through the net's flow."""
         if scale.dim() > loc.dim():  # a Cholesky factor (the full affine guide)
             return dist.MultivariateNormal(loc, scale_tril=scale)
         if hasattr(self.net, "distribution"):
@@ -215,7 +218,7 @@ class GuideChain(_ChainDistribution):
                 scale = torch.where(sel, first_scale[k], scale)
                 combined = torch.where(sel, first_combined[k], combined)
             if structured:
-                x_prev = self._distribution(loc, scale, combined).rsample()
+                x_prev = self.step_distribution(loc, scale, combined).rsample()
             else:
                 x_prev = loc + torch.empty_like(loc).normal_() * scale
             states.append(x_prev)
@@ -237,7 +240,7 @@ class GuideChain(_ChainDistribution):
         loc = torch.where(first, self.first_loc, loc)
         scale = torch.where(first, self.first_scale, scale)
         combined = torch.where(first, self.first_combined, combined)
-        return self._distribution(loc, scale, combined)
+        return self.step_distribution(loc, scale, combined)
 
     def log_prob_terms(self, x: torch.Tensor) -> torch.Tensor:
         terms = self.position_distribution(x).log_prob(x)
