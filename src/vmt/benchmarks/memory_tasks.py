@@ -293,13 +293,8 @@ def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float
     )
 
 
-def run(quick: bool, figure_dir: Path) -> BenchResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = QUICK if quick else FULL
+def _play(sizes: BenchSizes, quick: bool) -> list[tuple[str, str, dict]]:
+    """Every (method, budget) cell played, full context first (two workers in the full run)."""
     jobs = [("full context", None)] + [(name, b) for b in sizes.budgets for name in METHOD_FACTORIES]
     workers = 1 if quick else max(1, min(2, os.cpu_count() or 1))
     if workers == 1:
@@ -309,12 +304,12 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [pool.submit(_play_cell, name, budget, sizes, quick) for name, budget in jobs]
             results = [f.result() for f in futures]
-    window = results[0][2]["positions"]
-    kv_mb = {b: b * results[0][2]["kv_bytes_per_token"] / 2**20 for b in sizes.budgets}
-    vmt_state = next((r[2]["state_shape"] for r in results if r[0] == "VMT"), None)
+    return results
 
+
+def _table(results: list, sizes: BenchSizes) -> tuple[list[str], list[list], dict[str, float]]:
+    """The results table (cells with intervals) and the metrics, one row per cell."""
     g_marks, d_marks = sizes.grocery_checkpoints, sizes.dialogue_checkpoints
-    chance_d = 1 / sizes.dialogue_candidates
     header = ["method", "budget", "RPS win", "RPS loss"] + [f"recall N={m}" for m in g_marks]
     header += [f"dialogue N={m}" for m in d_marks] + ["passkey exact"]
     rows, metrics = [], {}
@@ -330,8 +325,19 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         for m in d_marks:
             metrics[f"dialogue_acc_N{m}_{key}"] = float(np.mean(r["dialogue"][m]))
         metrics[f"passkey_exact_{key}"] = float(np.mean(r["passkey"]))
+    return header, rows, metrics
+
+
+def _figures(results: list, sizes: BenchSizes, figure_dir: Path) -> list[Path]:
+    """Grocery and dialogue accuracy against N per budget, and the running RPS win rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     figure_dir = Path(figure_dir)
+    g_marks, d_marks = sizes.grocery_checkpoints, sizes.dialogue_checkpoints
+    chance_d = 1 / sizes.dialogue_candidates
     figs = [
         _accuracy_plot(results, sizes, "grocery", g_marks, 0.25, "grocery recall",
                        "distractor questions N", figure_dir / "memory_tasks_grocery.png"),
@@ -353,8 +359,14 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     fig.savefig(figs[-1], dpi=120)
     plt.close(fig)
 
+    return figs
+
+
+def _reading(results: list, sizes: BenchSizes) -> list[str]:
+    """The generated reading: full context against chance, the best bounded method per budget."""
+    g_marks, d_marks = sizes.grocery_checkpoints, sizes.dialogue_checkpoints
+    chance_d = 1 / sizes.dialogue_candidates
     full_r = results[0][2]
-    n_full_rps = full_r["rps_rounds"]
     groc_full = _ci(full_r["grocery"][g_marks[-1]])
     dia_full = _ci(full_r["dialogue"][d_marks[-1]])
     reading = [
@@ -386,9 +398,19 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         "With a handful of sessions and trials per cell the intervals are wide; differences "
         "inside overlapping intervals are not evidence."
     )
+    return reading
+
+
+def _markdown(results: list, sizes: BenchSizes, header: list[str], rows: list[list],
+              reading: list[str], figs: list[Path]) -> str:
+    """The page's section: the setting and sizes, the table, the reading, the figures."""
+    window = results[0][2]["positions"]
+    kv_mb = {b: b * results[0][2]["kv_bytes_per_token"] / 2**20 for b in sizes.budgets}
+    vmt_state = next((r[2]["state_shape"] for r in results if r[0] == "VMT"), None)
+    n_full_rps = results[0][2]["rps_rounds"]
     n_pk = len(sizes.passkey_lengths) * len(sizes.passkey_depths) * len(sizes.passkey_seeds)
     n_players = len(sizes.rps_players)
-    markdown = "\n\n".join(
+    return "\n\n".join(
         [
             "SmolLM2-135M-Instruct reading each task as one stream, at equal cache budgets "
             f"(tokens of KV cache; {N_SINKS} sinks for StreamingLLM and SirLLM, no recent "
@@ -422,6 +444,16 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
             f"![rps](figures/{figs[2].name})",
         ]
     )
+
+
+def run(quick: bool, figure_dir: Path) -> BenchResult:
+    sizes = QUICK if quick else FULL
+    results = _play(sizes, quick)
+    header, rows, metrics = _table(results, sizes)
+    figs = _figures(results, sizes, figure_dir)
+    reading = _reading(results, sizes)
+    markdown = _markdown(results, sizes, header, rows, reading, figs)
+    n_full_rps = results[0][2]["rps_rounds"]
     config = {"quick": quick, **asdict(sizes), "full_context_rps_rounds": n_full_rps,
               "n_sinks": N_SINKS, "sirllm_decay": SIRLLM_DECAY,
               "model": "SmolLM2-135M-Instruct"}  # fmt: skip

@@ -138,25 +138,22 @@ def _bootstrap(diff: np.ndarray, doc: np.ndarray, rng, n_boot: int = 2000):
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def run(quick: bool, figure_dir: Path) -> BenchResult:
-    from vmt.encoders.pretrained import load_pretrained_lm
-
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    model, tokenizer = load_pretrained_lm()
-    embeddings = model.get_input_embeddings().weight.detach()
-    windows = (16,) if quick else (16, 64)
-    n_fit, n_eval = (150, 75) if quick else (1000, 600)
-    max_len = 256 if quick else MAX_CONTEXT
-    start = 128  # = 2 × the largest window, so every variant is scored on the same tokens
+def _split(tokenizer, quick: bool, start: int, max_len: int, n_fit: int,
+           n_eval: int) -> tuple[list, list, list, list]:
+    """Fitting and evaluation documents (even and odd) and their predicted positions."""
     docs = _documents(tokenizer, start + 16, max_len)
     if quick:
         docs = docs[:12]
     fit_docs, eval_docs = docs[0::2], docs[1::2]
     fit_pos = _positions(fit_docs, start, n_fit)
     eval_pos = _positions(eval_docs, start, n_eval)
+    return fit_docs, fit_pos, eval_docs, eval_pos
 
+
+def _windows(model, embeddings, windows, fit_docs, fit_pos, eval_docs, eval_pos,
+             rng) -> tuple[dict[str, float], list[list], list[list]]:
+    """Fit and score MEP for every window and candidate variant: metrics, the NLL table and
+    the fitted multipliers."""
     metrics: dict[str, float] = {}
     table = []
     params_table = []
@@ -194,7 +191,12 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         metrics[f"eval_tokens_w{w}"] = float(len(nll_base))
         metrics[f"fit_tokens_w{w}"] = float(len(fit_rows["target"]))
 
-    elapsed = time.perf_counter() - t0
+    return metrics, table, params_table
+
+
+def _markdown(metrics: dict[str, float], table: list[list], params_table: list[list], windows,
+              max_len: int, start: int, elapsed: float) -> str:
+    """The page's section: the setting, the NLL and multiplier tables, one sentence per window."""
     header = ["window", "candidates", "NLL truncated", "NLL MEP", "NLL full context",
               "gain (nats/token)", "95% CI", "R = gain/(trunc−full)", "target in candidates"]
     groups = [f"{g}" for g in range(N_GROUPS)]
@@ -209,7 +211,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
                 f"MEP changes the truncated NLL by {-r[5]:+.4f} nats/token (95% interval of the "
                 f"gain {where}), R = {r[7]:.2f}.")
 
-    markdown = f"""
+    return f"""
 SmolLM2-135M-Instruct on the `pydoc_data.topics` documents (first {max_len} tokens of
 each); multipliers fitted on {metrics[f'fit_tokens_w{windows[0]}']:.0f} positions of the
 even-numbered documents, NLL measured on {metrics[f'eval_tokens_w{windows[0]}']:.0f} positions
@@ -232,6 +234,25 @@ so they can only express "tokens of the far context (or tokens similar to them) 
 likely"; most of what the longer context gives the full model is beyond that. The run took
 {elapsed / 60:.1f} minutes including the cached LM passes.
 """
+
+
+def run(quick: bool, figure_dir: Path) -> BenchResult:
+    from vmt.encoders.pretrained import load_pretrained_lm
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model, tokenizer = load_pretrained_lm()
+    embeddings = model.get_input_embeddings().weight.detach()
+    windows = (16,) if quick else (16, 64)
+    n_fit, n_eval = (150, 75) if quick else (1000, 600)
+    max_len = 256 if quick else MAX_CONTEXT
+    start = 128  # = 2 × the largest window, so every variant is scored on the same tokens
+    fit_docs, fit_pos, eval_docs, eval_pos = _split(tokenizer, quick, start, max_len, n_fit, n_eval)
+    metrics, table, params_table = _windows(model, embeddings, windows, fit_docs, fit_pos,
+                                            eval_docs, eval_pos, rng)
+    elapsed = time.perf_counter() - t0
+    markdown = _markdown(metrics, table, params_table, windows, max_len, start, elapsed)
     return BenchResult(
         benchmark=NAME,
         metrics=metrics,

@@ -191,17 +191,8 @@ def _narrative(rows, scaling) -> str:
     )
 
 
-def run(quick: bool, figure_dir: Path) -> BenchResult:
-    rng = np.random.default_rng(0)
-    n_seq, length = (40, 250) if quick else (100, 500)
-    sources = {
-        "pairwise": pairwise_source(V, ORDER, np.random.default_rng(1), scale=1.0)[0],
-        "higher-order": higher_order_source(V, ORDER, np.random.default_rng(2)),
-        "markov-2 (null)": markov_source(V, 2, np.random.default_rng(3)),
-    }
-    rows = [_finite_data(name, src, n_seq, length, rng) for name, src in sources.items()]
-    scaling = _scaling(quick, rng)
-
+def _metrics(rows: list[dict], scaling: dict) -> dict[str, float]:
+    """Gains with intervals and population recovery per source, and the scaling slopes."""
     metrics: dict[str, float] = {}
     for r in rows:
         tag = r["source"].split(" ")[0].replace("-", "_")
@@ -213,7 +204,11 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     for key in ("dist", "vocab"):
         metrics[f"eval_time_loglog_slope_vs_{key}"] = scaling[f"eval_slope_{key}"]
         metrics[f"fit_time_loglog_slope_vs_{key}"] = scaling[f"fit_slope_{key}"]
+    return metrics
 
+
+def _figure(scaling: dict, figure_dir: Path) -> list[Path]:
+    """Solver time ratios against |D| and V (log-log); empty if plotting fails."""
     figures = []
     try:
         import matplotlib
@@ -238,7 +233,12 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         figures.append(path)
     except Exception:  # pragma: no cover - plotting must not sink the numbers
         logger.exception("plotting failed")
+    return figures
 
+
+def _markdown(rows: list[dict], scaling: dict, n_seq: int, length: int,
+              figures: list[Path]) -> str:
+    """The page's section: the finite-data table, the scaling table and slopes, the narrative."""
     table1 = markdown_table(
         ["source", "truncation loss I(X_n; far ∣ window)", "fit tokens", "NLL true", "NLL base", "NLL MEP",
          "gain (nats/token)", "95% CI", "recovered of base−true gap", "population recovered"],
@@ -252,7 +252,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
          for k in ("dist", "vocab") for e in scaling[k]],
     )
     fig_links = "\n".join(f"![](figures/{p.name})" for p in figures)
-    markdown = f"""
+    return f"""
 Order-{ORDER} sources over V = {V} tokens; base: add-½ n-gram with a window of {WINDOW} tokens
 fitted on the training samples; MEP: far distances {DISTANCES}, Gaussian prior of variance 1
 per fitting token (penalty ‖λ‖²/(2N) on the mean NLL), scipy L-BFGS-B. Held-out data are fresh
@@ -278,6 +278,21 @@ Log-log slopes: one dual evaluation vs |D|: {scaling['eval_slope_dist']:.2f}, vs
 
 {_narrative(rows, scaling)}
 """
+
+
+def run(quick: bool, figure_dir: Path) -> BenchResult:
+    rng = np.random.default_rng(0)
+    n_seq, length = (40, 250) if quick else (100, 500)
+    sources = {
+        "pairwise": pairwise_source(V, ORDER, np.random.default_rng(1), scale=1.0)[0],
+        "higher-order": higher_order_source(V, ORDER, np.random.default_rng(2)),
+        "markov-2 (null)": markov_source(V, 2, np.random.default_rng(3)),
+    }
+    rows = [_finite_data(name, src, n_seq, length, rng) for name, src in sources.items()]
+    scaling = _scaling(quick, rng)
+    metrics = _metrics(rows, scaling)
+    figures = _figure(scaling, figure_dir)
+    markdown = _markdown(rows, scaling, n_seq, length, figures)
     return BenchResult(
         benchmark=NAME,
         metrics=metrics,

@@ -196,15 +196,16 @@ def speed_and_cost(vmt, held: list[torch.Tensor], repeats: int) -> dict[str, dic
     return out
 
 
-def run(quick: bool, figure_dir: Path) -> BenchResult:
-    torch.set_num_threads(1)
-    setup = SmallModel(forward_steps=60 if quick else 300, reverse_steps=30 if quick else 150)
-    tok, docs = char_corpus()
+def _split(docs: list[torch.Tensor], quick: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Held-out documents (long enough for two windows and 128 more tokens) and the rest."""
     long_docs = [d for d in docs if len(d) >= 2 * WINDOW + 128]
     held = long_docs[:3] if quick else long_docs[:8]
     train_docs = [d for d in docs if all(d is not h for h in held)]
-    vmt = fit_small_model(setup, train_docs, tok.vocab_size)
-    lengths = (2_000, 20_000) if quick else (10_000, 100_000)
+    return held, train_docs
+
+
+def _reading_rss(vmt, train_docs: list[torch.Tensor], lengths: tuple[int, int]) -> dict[int, dict]:
+    """Peak RSS of a fresh process reading each length of the repeated training stream."""
     stream = torch.cat(train_docs)
     while len(stream) < lengths[1]:
         stream = torch.cat([stream, stream])
@@ -212,9 +213,12 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         ckpt = save_checkpoint(Path(tmp) / "model", vmt)
         tokens_file = Path(tmp) / "tokens.pt"
         torch.save(stream[: lengths[1]].clone(), tokens_file)
-        rss = {n: peak_rss(ckpt, tokens_file, n) for n in lengths}
-    speed = speed_and_cost(vmt, held, repeats=3 if quick else 5)
-    lm_rss = lm_reading_memory(quick)
+        return {n: peak_rss(ckpt, tokens_file, n) for n in lengths}
+
+
+def _metrics(rss: dict[int, dict], lm_rss: dict[int, dict], speed: dict[str, dict],
+             lengths: tuple[int, int]) -> dict[str, float]:
+    """Peak RSS and its growth for both readers; speed ratios and continuation costs."""
     small, large = lengths
     growth_mb = (rss[large]["peak_kb"] - rss[small]["peak_kb"]) / 1024
     metrics = {
@@ -233,13 +237,24 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         metrics[f"speed_ratio_{k}_vs_step"] = v["tokens_per_second_ratio"]
         metrics[f"tokens_per_second_{k}"] = v["tokens_per_second"]
         metrics[f"neg_elbo_next128_{k}"] = v["neg_elbo_next128"]
+    return metrics
+
+
+def _markdown(metrics: dict[str, float], rss: dict[int, dict], lm_rss: dict[int, dict],
+              speed: dict[str, dict], lengths: tuple[int, int], n_held: int,
+              setup: SmallModel) -> str:
+    """The page's section: the two memory tables, the speed and cost table, the reading."""
+    small, large = lengths
+    lm_small, lm_large = sorted(lm_rss)
+    growth_mb = metrics["peak_rss_growth_mb"]
+    lm_growth_mb = metrics["smollm2_reader_peak_rss_growth_mb"]
     costs = [v["neg_elbo_next128"] for v in speed.values()]
     spread = max(costs) - min(costs)
     rows_mem = [[n, rss[n]["before_kb"] / 1024, rss[n]["peak_kb"] / 1024,
                  (rss[n]["peak_kb"] - rss[n]["before_kb"]) / 1024] for n in lengths]
     rows_speed = [[k, v["tokens_per_second"], v["tokens_per_second_ratio"], v["neg_elbo_next128"]]
                   for k, v in speed.items()]
-    markdown = "\n\n".join([
+    return "\n\n".join([
         "Resident memory of a fresh process reading the input with a 256-token window: RSS "
         "after loading the model and a warm-up read, and the peak RSS during the read (Linux "
         "`VmHWM`, reset just before reading through `/proc/self/clear_refs`):",
@@ -259,7 +274,7 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         "Reading speed on two windows of held-out text (medians of interleaved repeats; the "
         "ratio is against step-by-step reading in the same run) and the per-token negative "
         "ELBO of the next 128 held-out tokens read step by step from the state each method "
-        f"reached (mean over {len(held)} documents, 8 reads each):",
+        f"reached (mean over {n_held} documents, 8 reads each):",
         markdown_table(["method", "tokens/s", "speed vs step", "-ELBO/token of next 128"],
                        rows_speed),
         "The model is small and briefly fitted (character level, state 32, GRU reader, "
@@ -273,5 +288,19 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         "beyond what a few steps of reading recover, so here the shortcuts are nearly free; "
         "a model whose state carries more context would show a larger price.",
     ])
+
+
+def run(quick: bool, figure_dir: Path) -> BenchResult:
+    torch.set_num_threads(1)
+    setup = SmallModel(forward_steps=60 if quick else 300, reverse_steps=30 if quick else 150)
+    tok, docs = char_corpus()
+    held, train_docs = _split(docs, quick)
+    vmt = fit_small_model(setup, train_docs, tok.vocab_size)
+    lengths = (2_000, 20_000) if quick else (10_000, 100_000)
+    rss = _reading_rss(vmt, train_docs, lengths)
+    speed = speed_and_cost(vmt, held, repeats=3 if quick else 5)
+    lm_rss = lm_reading_memory(quick)
+    metrics = _metrics(rss, lm_rss, speed, lengths)
+    markdown = _markdown(metrics, rss, lm_rss, speed, lengths, len(held), setup)
     return BenchResult(NAME, metrics, {"quick": quick, "window": WINDOW, "lengths": list(lengths),
                                        "setup": setup.__dict__}, markdown=markdown)

@@ -58,12 +58,8 @@ def _block_ci(nll: np.ndarray, block: int, seed: int = 0) -> tuple[float, float,
     return math.exp(m), math.exp(lo), math.exp(hi)
 
 
-def run(quick: bool, figure_dir: Path) -> BenchResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _curves(quick: bool) -> tuple[dict[str, np.ndarray], int, int]:
+    """Per-token NLL of the stream under each method; also the stream length and chunk size."""
     from vmt.encoders.pretrained import load_pretrained_lm
     from vmt.memory import StreamingLLM, streaming_nll, window_policy
     from vmt.memory.tasks import natural_text_stream
@@ -95,7 +91,11 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         ).numpy()
     finally:
         torch.set_num_threads(threads)
+    return curves, n_tokens, chunk
 
+
+def _rows(curves: dict[str, np.ndarray]) -> tuple[dict[str, float], list[list]]:
+    """Perplexity past the first budget with its block-bootstrap interval, per method."""
     keys = {
         "full context": "full",
         f"recomputed window (stride {STRIDE})": "recomputed_window",
@@ -109,6 +109,15 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
         ppl, lo, hi = _block_ci(nll[tail], BIN)
         metrics[f"ppl_after{BUDGET}_{keys[label]}"] = ppl
         rows.append([label, ppl, f"[{lo:.4g}, {hi:.4g}]"])
+    return metrics, rows
+
+
+def _figure(curves: dict[str, np.ndarray], n_tokens: int, figure_dir: Path) -> Path:
+    """Perplexity per position bin for every method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     n_bins = (n_tokens - 1) // BIN
@@ -126,12 +135,17 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
     fig_path = Path(figure_dir) / "streaming_ppl.png"
     fig.savefig(fig_path, dpi=120)
     plt.close(fig)
+    return fig_path
 
+
+def _markdown(metrics: dict[str, float], rows: list[list], n_tokens: int, chunk: int,
+              fig_path: Path) -> str:
+    """The page's section: the setting, the perplexity table, the figure and the reading."""
     full = metrics[f"ppl_after{BUDGET}_full"]
     sinks = metrics[f"ppl_after{BUDGET}_sinks_window"]
     nosink = metrics[f"ppl_after{BUDGET}_window_nosinks"]
     recomputed = metrics[f"ppl_after{BUDGET}_recomputed_window"]
-    markdown = "\n\n".join(
+    return "\n\n".join(
         [
             f"Perplexity of SmolLM2-135M on the first {n_tokens} tokens of CPython's "
             f"`pydoc_data.topics` reference prose (documents in sorted order), scored on "
@@ -149,6 +163,13 @@ def run(quick: bool, figure_dir: Path) -> BenchResult:
             f"no-sinks/full is {nosink / full:.3g}.",
         ]
     )
+
+
+def run(quick: bool, figure_dir: Path) -> BenchResult:
+    curves, n_tokens, chunk = _curves(quick)
+    metrics, rows = _rows(curves)
+    fig_path = _figure(curves, n_tokens, figure_dir)
+    markdown = _markdown(metrics, rows, n_tokens, chunk, fig_path)
     return BenchResult(
         benchmark=NAME,
         metrics=metrics,
