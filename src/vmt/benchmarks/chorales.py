@@ -184,8 +184,9 @@ def _extrapolate(curves: list[list[dict]], horizon: float) -> tuple[float, tuple
     return float(a + b * horizon ** (-c)), (float(a), float(b), float(c))
 
 
-def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
-    """The budgeted runs: rows, metrics, figure and notes."""
+def _collect_runs(datasets: dict, quick: bool, root: Path):
+    """Every seed's run (trained, resumed or reused): the configs, the runs per data set and the
+    seeds that were not run."""
     preset, schedule, schedule_name = _configs(quick)
     runs: dict[str, list[dict]] = {label: [] for label in datasets}
     missing = []
@@ -199,9 +200,14 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
         else:
             runs[label].append(found | {"seed": s})
     runs = {label: rs for label, rs in runs.items() if rs}
-    rows, metrics = [], {}
+    return preset, schedule, schedule_name, runs, missing
+
+
+def _budget_table(runs: dict, schedule) -> tuple[list[list], dict[str, float]]:
+    """One row per seed (and mean ± sd per data set), and the metrics."""
     k = schedule.iwae_particles
     dash = "–"
+    rows, metrics = [], {}
     for label, results in runs.items():
         for r in results:
             test = r["test"] or {}
@@ -229,6 +235,12 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
             if k:
                 metrics[f"{key}_seed{r['seed']}_test_iwae{k}"] = r["iwae"]["iwae"]
 
+    return rows, metrics
+
+
+def _budget_figure(runs: dict, quick: bool, figure_dir: Path) -> tuple[Path, tuple | None]:
+    """The best validation bound against CPU time per seed, with the published lines and the
+    power-law extrapolation; also the extrapolation's ``(value, a, b, c, span)`` if made."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,9 +280,13 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
     figure = Path(figure_dir) / "chorales_budget.png"
     fig.savefig(figure, dpi=110)
     plt.close(fig)
-    if extrapolated is not None:
-        metrics["jsb_extrapolated_valid_neg_elbo_3600s"] = extrapolated[0]
+    return figure, extrapolated
 
+
+def _budget_notes(preset, schedule, schedule_name: str, runs: dict, rows: list[list], missing: list[str],
+                  extrapolated: tuple | None) -> str:
+    """The table, the figure, the published numbers and what was run."""
+    k = schedule.iwae_particles
     table = markdown_table(
         ["data", "seed", "SVI steps", "training CPU s", "stopped by", "best step", "valid −ELBO",
          "test −ELBO", f"test IWAE-{schedule.test_particles}", f"test IWAE-{k}" if k else "test IWAE"], rows)
@@ -313,6 +329,18 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
         notes.append(f"Not run (the compute available ran out; `$VMT_CHORALES_REUSE_ONLY` rendered the "
                      f"finished seeds): {', '.join(missing)}.")
     md = "\n\n".join([table, "![bound against CPU time](figures/chorales_budget.png)", published, *notes])
+    return md
+
+
+def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
+    """The budgeted runs: rows, metrics, figure and notes."""
+    preset, schedule, schedule_name, runs, missing = _collect_runs(datasets, quick, root)
+    rows, metrics = _budget_table(runs, schedule)
+    figure, extrapolated = _budget_figure(runs, quick, figure_dir)
+    if extrapolated is not None:
+        metrics["jsb_extrapolated_valid_neg_elbo_3600s"] = extrapolated[0]
+
+    md = _budget_notes(preset, schedule, schedule_name, runs, rows, missing, extrapolated)
     return md, metrics, figure, {"schedule": schedule_name, "preset": PRESET,
                                  "max_cpu_seconds": schedule.max_cpu_seconds,
                                  "seeds": {label: [r["seed"] for r in rs] for label, rs in runs.items()}}
