@@ -5,7 +5,7 @@ import torch
 
 from vmt.encoders.small_readers import GRUReader, TransformerReader
 from vmt.models import VariationalMarkovTransformer, VMTConfig
-from vmt.models.parts import Emission, GaussianTransition, Prior, Reader, Transition
+from vmt.models.parts import Emission, GaussianTransition, GuideStep, Prior, Reader, Transition
 from vmt.models.reader_spec import FoldedReader
 
 CASES = {
@@ -14,6 +14,10 @@ CASES = {
     "flow": dict(transition="flow", prior="flow", emission="bernoulli", obs_dim=5, guide="flow"),
     "token": dict(transition="token", prior="token", emission="token", guide="token", obs_dim=7,
                   token_dim=2),
+    "full": dict(transition="gated", prior="mixture", emission="categorical", obs_dim=7, guide="full"),
+    "affine": dict(transition="linear", prior="mixture", emission="gaussian", obs_dim=3, guide="affine"),
+    "affine-full": dict(transition="linear", prior="mixture", emission="gaussian", obs_dim=3, guide="affine",
+                        affine_structure="full"),
 }
 
 
@@ -24,7 +28,15 @@ def test_parts_satisfy_their_protocols(case):
     assert isinstance(vmt.prior, Prior)
     assert isinstance(vmt.transition, Transition)
     assert isinstance(vmt.emission, Emission)
-    assert isinstance(vmt.transition, GaussianTransition) == (case in ("gated", "linear"))
+    assert isinstance(vmt.transition, GaussianTransition) == (CASES[case]["transition"] in ("gated", "linear"))
+    net = vmt.guide_net_for("forward")
+    assert isinstance(net, GuideStep)
+    if case != "token":  # the token net's context also reads the tokens (tests/models/test_tokens.py)
+        # one first state from its own parameters: a distribution over the state, event (state,)
+        ctx = net.context(torch.randn(3, 1, 6), torch.ones(3, 1, dtype=torch.long))
+        q = net.distribution(*net.first_params(ctx[:, 0]))
+        x = q.sample()
+        assert x.shape == (3, 4) and q.log_prob(x).shape == (3,)
 
 
 def test_readers_satisfy_the_reader_protocol():

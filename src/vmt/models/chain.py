@@ -161,15 +161,8 @@ class GuideChain(_ChainDistribution):
 
     def step_distribution(self, loc, scale, combined) -> dist.TorchDistribution:
         """The guide's distribution of one state given its parameters (``first_params`` or
-        ``step_params`` of the net): the net's own step distribution, a full-covariance normal
-        for a Cholesky factor, else a diagonal normal through the net's flow."""
-        if scale.dim() > loc.dim():  # a Cholesky factor (the full affine guide)
-            return dist.MultivariateNormal(loc, scale_tril=scale)
-        if hasattr(self.net, "distribution"):
-            return self.net.distribution(loc, scale, combined)
-        base = dist.Normal(loc, scale).to_event(1)
-        transforms = self.net.flow_transforms(combined)
-        return dist.TransformedDistribution(base, transforms) if transforms else base
+        ``step_params`` of the net): the net's own (:class:`vmt.models.parts.GuideStep`)."""
+        return self.net.distribution(loc, scale, combined)
 
     def rsample(self, sample_shape=torch.Size()):
         """Sample paths ``sample_shape + batch_shape + (time, state)``.

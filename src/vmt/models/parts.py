@@ -58,6 +58,22 @@ class Emission(Protocol):
 
 
 @runtime_checkable
+class GuideStep(Protocol):
+    """The guide's network, one state at a time: parameters of the first state and of a step,
+    and the distribution they define (:class:`vmt.models.guide.GuideNet`, the token family's
+    and the affine guide's nets)."""
+
+    def first_params(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def step_params(self, x_prev: torch.Tensor, skip_context: torch.Tensor,
+                    skip: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, combined: torch.Tensor) -> Distribution:
+        """``q(x_k | ...)``, event ``(state,)``."""
+        ...
+
+
+@runtime_checkable
 class Reader(Protocol):
     """A trainable reader the guide owns: right-padded inputs and lengths in,
     ``(batch, time, hidden_size)`` features out (zeros at padding)."""

@@ -8,7 +8,6 @@ position 0 (optionally all from a carried state) with any end.
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 
 from vmt.models.batch import ChainBatch
@@ -51,15 +50,7 @@ def reference_guide(vmt, batch: ChainBatch, direction: str = "forward") -> None:
             else:
                 prev = batch.x0 if k == 0 else x_prev
                 loc, scale, combined = net.step_params(prev, net.skip_context(context[:, k], 1))
-            if scale.dim() > loc.dim():  # a covariance factor (the full affine guide)
-                fn = dist.MultivariateNormal(loc, scale_tril=scale)
-            elif hasattr(net, "distribution"):
-                fn = net.distribution(loc, scale, combined)
-            else:
-                fn = dist.Normal(loc, scale).to_event(1)
-                transforms = net.flow_transforms(combined)
-                if transforms:
-                    fn = dist.TransformedDistribution(fn, transforms)
+            fn = net.distribution(loc, scale, combined)
             x_prev = pyro.sample(f"x_{k}", fn.mask(mask[:, k]))
 
 

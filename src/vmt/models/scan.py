@@ -282,6 +282,13 @@ class AffineGuideNet(LocalParamsModule):
         a, b, tril = self.affine_params(skip_context)
         return apply_affine(a, x_prev, self.full) + b, tril, skip_context
 
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, combined: torch.Tensor):
+        """One step, event ``(state,)``: a full-covariance Gaussian when ``scale`` is a
+        Cholesky factor ``(..., state, state)``, else a diagonal one."""
+        if scale.dim() > loc.dim():
+            return dist.MultivariateNormal(loc, scale_tril=scale)
+        return dist.Normal(loc, scale).to_event(1)
+
     def flow_transforms(self, combined: torch.Tensor) -> list:
         return []
 

@@ -400,6 +400,10 @@ class TokenGuideNet(LocalParamsModule):
         slot_loc, slot_scale = self._slot(skip_context[..., self.hidden :])
         return (torch.cat([base_loc, slot_loc], -1), torch.cat([scale, slot_scale], -1), combined)
 
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, combined: torch.Tensor):
+        """A diagonal Gaussian over the state, event ``(state,)``."""
+        return dist.Normal(loc, scale).to_event(1)
+
     def flow_transforms(self, combined: torch.Tensor) -> list:
         return []
 
