@@ -5,7 +5,15 @@ import torch
 
 from vmt.encoders.small_readers import GRUReader, TransformerReader
 from vmt.models import VariationalMarkovTransformer, VMTConfig
-from vmt.models.parts import Emission, GaussianTransition, GuideStep, Prior, Reader, Transition
+from vmt.models.parts import (
+    Emission,
+    GaussianTransition,
+    GuideStep,
+    NextTokenEmission,
+    Prior,
+    Reader,
+    Transition,
+)
 from vmt.models.reader_spec import FoldedReader
 
 CASES = {
@@ -28,6 +36,7 @@ def test_parts_satisfy_their_protocols(case):
     assert isinstance(vmt.prior, Prior)
     assert isinstance(vmt.transition, Transition)
     assert isinstance(vmt.emission, Emission)
+    assert isinstance(vmt.emission, NextTokenEmission) == (case == "token")
     assert isinstance(vmt.transition, GaussianTransition) == (CASES[case]["transition"] in ("gated", "linear"))
     net = vmt.guide_net_for("forward")
     assert isinstance(net, GuideStep)

@@ -86,6 +86,7 @@ from vmt.inference.windows import (
     shard_order,
 )
 from vmt.models.batch import ChainBatch
+from vmt.models.parts import NextTokenEmission
 from vmt.models.tokens import sharing_scores
 
 logger = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ class Trainer:
             if self.world_size > 1:
                 raise ValueError(f"distillation (distill_weight > 0) runs in one process, "
                                  f"not {self.world_size} ranks")
-            if not hasattr(vmt.emission, "predictive_log_probs"):
+            if not isinstance(vmt.emission, NextTokenEmission):
                 raise ValueError(
                     f"distillation needs an emission with a next-token predictive (the token "
                     f"family), got emission {vmt.config.emission!r}")

@@ -58,6 +58,16 @@ class Emission(Protocol):
 
 
 @runtime_checkable
+class NextTokenEmission(Emission, Protocol):
+    """An emission that also gives the next-token predictive of a state (the token family):
+    what distillation from a language model compares."""
+
+    def predictive_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., vocab)`` log-probabilities of the next token given ``x (..., state)``."""
+        ...
+
+
+@runtime_checkable
 class GuideStep(Protocol):
     """The guide's network, one state at a time: parameters of the first state and of a step,
     and the distribution they define (:class:`vmt.models.guide.GuideNet`, the token family's
