@@ -33,6 +33,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -40,6 +41,9 @@ from safetensors.torch import load_file, save_file
 
 from vmt.atomic import fsync_dir
 from vmt.models.config import VMTConfig
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 FORMAT_VERSION = 1
 KEEP_VERSIONS = 2  # the current checkpoint and the one before it
@@ -417,7 +421,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"corrupt checkpoint file {file}: {err}") from err
 
 
-def load_state_into(vmt, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+def load_state_into(vmt: VariationalMarkovTransformer, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
     """Load a state dict, naming every missing, unexpected or mis-shaped entry."""
     own = vmt.state_dict()
     missing = sorted(set(own) - set(state))

@@ -28,6 +28,8 @@ from vmt.inference.train import TrainConfig, TrainResult, fit
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+    from vmt.models.vmt import VariationalMarkovTransformer
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FOLDERS = ("models", "inference")
@@ -590,7 +592,7 @@ def continuation_nll(lm, context: torch.Tensor, continuation: torch.Tensor, max_
     return float(-logp.gather(-1, continuation.long()[:, None]).mean())
 
 
-def evaluate_text(vmt, run: TextRun, vocab) -> EvalResult:
+def evaluate_text(vmt: VariationalMarkovTransformer, run: TextRun, vocab) -> EvalResult:
     lookup, _ = run.features(run.test_corpus)
     docs = [vocab.encode(d) for d in run.test_corpus.documents]
     return evaluate(vmt, docs, lookup, window=run.schedule.eval_window,

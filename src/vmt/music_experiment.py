@@ -31,11 +31,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vmt.inference.evaluate import EvalResult, evaluate
 from vmt.inference.train import TrainConfig, Trainer, run_steps
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +230,7 @@ class MusicRunResult:
                 "parameters": self.parameters}
 
 
-def _bound(vmt, pieces, particles: int, seed: int) -> EvalResult:
+def _bound(vmt: VariationalMarkovTransformer, pieces, particles: int, seed: int) -> EvalResult:
     """Negative ELBO and IWAE-``particles`` of whole pieces, under a fixed seed and outside the
     global random stream.
 

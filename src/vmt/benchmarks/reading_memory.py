@@ -168,7 +168,7 @@ def lm_reading_memory(quick: bool) -> dict[int, dict]:
         return {n: peak_rss(result.checkpoint, tokens_file, n, full, child=_CHILD_LM) for n in lengths}
 
 
-def speed_and_cost(vmt, held: list[torch.Tensor], repeats: int) -> dict[str, dict]:
+def speed_and_cost(vmt: VariationalMarkovTransformer, held: list[torch.Tensor], repeats: int) -> dict[str, dict]:
     """Tokens/s ratios on 2 windows and the continuation cost of each method's state."""
     text = held[0][: 2 * WINDOW]
     methods = {
@@ -204,7 +204,7 @@ def _split(docs: list[torch.Tensor], quick: bool) -> tuple[list[torch.Tensor], l
     return held, train_docs
 
 
-def _reading_rss(vmt, train_docs: list[torch.Tensor], lengths: tuple[int, int]) -> dict[int, dict]:
+def _reading_rss(vmt: VariationalMarkovTransformer, train_docs: list[torch.Tensor], lengths: tuple[int, int]) -> dict[int, dict]:
     """Peak RSS of a fresh process reading each length of the repeated training stream."""
     stream = torch.cat(train_docs)
     while len(stream) < lengths[1]:

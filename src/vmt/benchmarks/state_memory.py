@@ -139,7 +139,7 @@ def fit_probe_model(setup: ProbeSetup, docs: KeyDocuments):
 
 
 @torch.no_grad()
-def key_probability(vmt, state: torch.Tensor, key_id: int, digit_ids: list[int]) -> float:
+def key_probability(vmt: VariationalMarkovTransformer, state: torch.Tensor, key_id: int, digit_ids: list[int]) -> float:
     """``E[p(y = key | x', y is a digit)]`` with ``x' ~ p(x' | x)`` over the rows of ``state``.
 
     Renormalised over the ten digits, so chance is exactly 0.1 whether or not the model has
@@ -178,7 +178,7 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
         return float((scores.argmax(-1) == test_y).double().mean())
 
 
-def read_states(vmt, tokens: torch.Tensor, reads: int, memory_reads: int,
+def read_states(vmt: VariationalMarkovTransformer, tokens: torch.Tensor, reads: int, memory_reads: int,
                 memory: StateMemoryConfig, window: int) -> dict:
     """``(reads, state)`` read states of one probe document for each method
     (``(memory_reads, state)`` for the state memory, whose readers carry one state each)."""
@@ -200,7 +200,7 @@ def _mean_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def _probe_distance(vmt, docs: KeyDocuments, setup: ProbeSetup, d: int, memory: StateMemoryConfig) -> dict:
+def _probe_distance(vmt: VariationalMarkovTransformer, docs: KeyDocuments, setup: ProbeSetup, d: int, memory: StateMemoryConfig) -> dict:
     """Model p(key) and probe accuracy with their intervals, per method, at distance ``d``."""
     n = setup.probe_train + setup.probe_test
     keys, states = torch.empty(n, dtype=torch.long), {m: [] for m in METHODS}

@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyro
 import torch
@@ -42,6 +43,9 @@ from vmt.inference.elbo import elbo_terms
 from vmt.models import ChainBatch, VariationalMarkovTransformer, VMTConfig
 from vmt.models.chain import GuideChain
 from vmt.models.reference import reference_guide, reference_model
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 NAME = "svi-speed"
 SUMMARY = "SVI step time: one-site vectorised ELBO vs a per-step pyro.markov model"
@@ -219,13 +223,13 @@ def scan_agreement(
     return _relative_differences(fast, ref, g_fast, g_ref)
 
 
-def _svi_step(vmt, batch, optimizer, loss_fn) -> None:
+def _svi_step(vmt: VariationalMarkovTransformer, batch, optimizer, loss_fn) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss_fn(vmt, batch).backward()
     optimizer.step()
 
 
-def _guide_loop(vmt, batch) -> None:
+def _guide_loop(vmt: VariationalMarkovTransformer, batch) -> None:
     """The guide's sampling alone: sample the path (loop or scan), backpropagate through it."""
     vmt.zero_grad(set_to_none=True)
     chain = GuideChain(vmt.guide_net, vmt.guide_context(batch), batch)

@@ -32,11 +32,15 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from vmt.benchmarks.report import BenchResult, markdown_table
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 NAME = "text-lm"
 SUMMARY = "held-out nats/token on one text split: n-grams, same-budget GRU, SmolLM2 and VMT presets"
@@ -215,7 +219,7 @@ def gru_row(train_docs, test_docs, full_vocab: int, parameters: int, cpu_seconds
     return Row(label, key, np.array(nll), tokens, note, extra)
 
 
-def generative_parameters(vmt, trainable_only: bool = True) -> int:
+def generative_parameters(vmt: VariationalMarkovTransformer, trainable_only: bool = True) -> int:
     """Parameters of the generative part (prior, forward transition, emission, and the token
     family's shared embeddings and head), each counted once."""
     parts = [vmt.prior, vmt.transition, vmt.emission]

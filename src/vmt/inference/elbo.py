@@ -10,6 +10,7 @@ every loss of the training regimes is a reduction:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from pyro import poutine
@@ -17,6 +18,9 @@ from pyro import poutine
 from vmt.models.batch import ChainBatch
 from vmt.models.chain import ChainPrior, GuideChain
 from vmt.models.tokens import sharing_scores
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 
 @dataclass
@@ -48,7 +52,7 @@ class ElboTerms:
         return self.mask.sum(-1)
 
 
-def elbo_terms(vmt, batch: ChainBatch, direction: str = "forward") -> ElboTerms:
+def elbo_terms(vmt: VariationalMarkovTransformer, batch: ChainBatch, direction: str = "forward") -> ElboTerms:
     """Sample a path from the guide and score it under model and guide."""
     emission = vmt.config.emission
     if vmt.config.emits_tokens and (batch.obs.is_floating_point() or batch.obs.dim() != 2):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -58,6 +59,9 @@ from vmt.inference.windows import (
     continuing_states,
 )
 from vmt.models.batch import ChainBatch
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 EXPLAINED_THRESHOLD = 0.1
@@ -162,7 +166,7 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def prior_marginal_variance(vmt, samples: int = 8192, seed: int = 0) -> torch.Tensor:
+def prior_marginal_variance(vmt: VariationalMarkovTransformer, samples: int = 8192, seed: int = 0) -> torch.Tensor:
     """``(state,)`` variance of each dimension of the prior ``p(x)``.
 
     Exact when the distribution knows its variance (a Gaussian mixture: the law of total
@@ -213,7 +217,7 @@ class _Moments:
         return (spread - within / particles).clamp(min=0), within
 
 
-def _nce_terms(vmt, x: torch.Tensor, y: torch.Tensor, max_elements: int = 2**22) -> float:
+def _nce_terms(vmt: VariationalMarkovTransformer, x: torch.Tensor, y: torch.Tensor, max_elements: int = 2**22) -> float:
     """``sum_i [log p(y_i|x_i) - log mean_j p(y_i|x_j)]`` over ``N`` positions.
 
     ``x``: ``(N, state)``, ``y``: ``(N,)`` tokens or ``(N, obs)`` observations. States are
@@ -327,7 +331,7 @@ class _Diagnostics:
 
 @torch.no_grad()
 def evaluate(
-    vmt,
+    vmt: VariationalMarkovTransformer,
     documents: Sequence[torch.Tensor],
     features: FeatureLookup | None = None,
     window: int = 256,

@@ -13,10 +13,14 @@ Token draws use :func:`filter_logits` (temperature, top-k, top-p) on the emissio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vmt.inference.reading import FeatureFn, ReadConfig, ReadResult, read
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     return out
 
 
-def _sample_tokens(vmt, x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+def _sample_tokens(vmt: VariationalMarkovTransformer, x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     if not vmt.config.emits_tokens:
         return vmt.emission.distribution(x).sample()
     logits = filter_logits(vmt.emission.logits(x), sampling)
@@ -88,7 +92,7 @@ class Written:
     last_state: torch.Tensor
 
 
-def _check_state(vmt, state: torch.Tensor) -> torch.Tensor:
+def _check_state(vmt: VariationalMarkovTransformer, state: torch.Tensor) -> torch.Tensor:
     d = vmt.config.state_dim
     if state.dim() == 1:
         state = state[None]
@@ -103,7 +107,7 @@ def _check_count(num_tokens: int) -> None:
 
 
 @torch.no_grad()
-def _roll(vmt, transition, state: torch.Tensor, num_tokens: int, sampling: SamplingConfig,
+def _roll(vmt: VariationalMarkovTransformer, transition, state: torch.Tensor, num_tokens: int, sampling: SamplingConfig,
           include_start: bool = False) -> Written:
     xs, ys = [], []
     x = state
@@ -117,14 +121,14 @@ def _roll(vmt, transition, state: torch.Tensor, num_tokens: int, sampling: Sampl
     return Written(torch.stack(ys, 1), torch.stack(xs, 1), x)
 
 
-def write(vmt, state: torch.Tensor, num_tokens: int, sampling: SamplingConfig | None = None) -> Written:
+def write(vmt: VariationalMarkovTransformer, state: torch.Tensor, num_tokens: int, sampling: SamplingConfig | None = None) -> Written:
     """Continue from ``state (samples, state)``: ``num_tokens`` new states and tokens."""
     _check_count(num_tokens)
     return _roll(vmt, vmt.transition_for("forward"), _check_state(vmt, state), num_tokens,
                  sampling or SamplingConfig())
 
 
-def write_prequel(vmt, state: torch.Tensor, num_tokens: int,
+def write_prequel(vmt: VariationalMarkovTransformer, state: torch.Tensor, num_tokens: int,
                   sampling: SamplingConfig | None = None) -> Written:
     """``num_tokens`` tokens that come *before* ``state`` (the state of the first token read),
     drawn with the reverse transition ``p_r`` and returned in reading order."""
@@ -135,7 +139,7 @@ def write_prequel(vmt, state: torch.Tensor, num_tokens: int,
 
 
 @torch.no_grad()
-def sample_unconditional(vmt, num_tokens: int, samples: int = 1,
+def sample_unconditional(vmt: VariationalMarkovTransformer, num_tokens: int, samples: int = 1,
                          sampling: SamplingConfig | None = None, direction: str = "forward") -> Written:
     """``x_1 ~ p(x)`` then forward: ``samples`` independent texts of ``num_tokens`` tokens.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from torch import nn
 from vmt.encoders.teacher import soft_cross_entropy
 from vmt.inference.elbo import ElboTerms, auxiliary_losses, elbo_terms
 from vmt.models.batch import ChainBatch
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 
 class NonFiniteLoss(RuntimeError):
@@ -133,7 +137,7 @@ class LossResult:
 
 
 def svi_loss(
-    vmt,
+    vmt: VariationalMarkovTransformer,
     batch: ChainBatch,
     config,
     annealing: float,
@@ -166,7 +170,7 @@ def svi_loss(
     return LossResult(loss, terms.elbo_per_row().sum().detach(), tokens, terms)
 
 
-def _loss_share(vmt, batch, config, annealing, skip, terms, totals: LossTotals, teacher) -> torch.Tensor:
+def _loss_share(vmt: VariationalMarkovTransformer, batch, config, annealing, skip, terms, totals: LossTotals, teacher) -> torch.Tensor:
     world = totals.world_size
     tokens, init_total, skip_total = (max(v, 1) for v in (totals.tokens, totals.init, totals.pairs))
     loss = -terms.elbo_per_row(annealing).sum() * (world / tokens)
@@ -230,7 +234,7 @@ class SVILoss(nn.Module):
                         LossTotals.of(totals, world_size), teacher)
 
 
-def check_finite_parameters(vmt, step: int) -> None:
+def check_finite_parameters(vmt: VariationalMarkovTransformer, step: int) -> None:
     """Raise :class:`NonFiniteLoss` naming the first parameter that is not finite."""
     for name, p in vmt.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
@@ -238,7 +242,7 @@ def check_finite_parameters(vmt, step: int) -> None:
 
 
 def optimiser_step(
-    vmt,
+    vmt: VariationalMarkovTransformer,
     optimizer: torch.optim.Optimizer,
     loss: torch.Tensor,
     config,

@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 
 @dataclass
@@ -52,7 +56,7 @@ class Filtered:
         return float(self.log_probs.sum())
 
 
-def _check_state(vmt, state: torch.Tensor) -> torch.Tensor:
+def _check_state(vmt: VariationalMarkovTransformer, state: torch.Tensor) -> torch.Tensor:
     d = vmt.config.state_dim
     if state.dim() == 1:
         state = state[None]
@@ -62,7 +66,7 @@ def _check_state(vmt, state: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def next_token_probs(vmt, state: torch.Tensor, direction: str = "forward") -> torch.Tensor:
+def next_token_probs(vmt: VariationalMarkovTransformer, state: torch.Tensor, direction: str = "forward") -> torch.Tensor:
     """``(vocab,)`` predictive probabilities of the next token, ``mean_s p(y | x'_s)`` with
     ``x'_s ~ p(x' | x_s)`` for the rows ``x_s`` of ``state (samples, state)`` (categorical
     emission)."""
@@ -75,7 +79,7 @@ def next_token_probs(vmt, state: torch.Tensor, direction: str = "forward") -> to
 
 @torch.no_grad()
 def filter_continuation(
-    vmt,
+    vmt: VariationalMarkovTransformer,
     state: torch.Tensor,
     tokens: torch.Tensor,
     direction: str = "forward",

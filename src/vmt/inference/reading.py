@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
@@ -36,6 +37,9 @@ from tqdm.auto import tqdm
 from vmt.models.guide import GuideNet
 from vmt.models.parts import GaussianTransition
 from vmt.models.scan import AffineNormal
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +126,7 @@ class ReadResult:
         return float(-self.elbo.mean()) / self.scored
 
 
-def reader_features(vmt) -> FeatureFn:
+def reader_features(vmt: VariationalMarkovTransformer) -> FeatureFn:
     """The VMT's own trainable reader as a feature function."""
     if vmt.reader is None:
         raise ValueError("this VMT has no reader; pass a feature function (e.g. an LMFeatureExtractor)")
@@ -352,7 +356,7 @@ def _read_window(reading: _Reading, net: GuideNet, transition, prior, feature_fn
 
 @torch.no_grad()
 def read(
-    vmt,
+    vmt: VariationalMarkovTransformer,
     tokens: torch.Tensor,
     config: ReadConfig | None = None,
     feature_fn: FeatureFn | None = None,
@@ -422,7 +426,7 @@ def read(
 
 
 def continuation_cost(
-    vmt,
+    vmt: VariationalMarkovTransformer,
     result: ReadResult,
     tail: torch.Tensor,
     feature_fn: FeatureFn | None = None,

@@ -14,10 +14,14 @@ forward model fixed while the reverse parts train.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from vmt.inference.subsequences import FeatureLookup
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 
 def reverse_documents(documents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -65,7 +69,7 @@ def features_lookup_from(features: Sequence[torch.Tensor]) -> Callable[[int], tu
     return lookup
 
 
-def freeze_shared_parts(vmt, freeze_reader: bool = True) -> list[str]:
+def freeze_shared_parts(vmt: VariationalMarkovTransformer, freeze_reader: bool = True) -> list[str]:
     """Stop gradients into the prior and emission (and the reader) of a fitted model.
 
     Returns the names of the parameters that stay trainable (the reverse parts, plus whatever

@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -88,6 +88,9 @@ from vmt.inference.windows import (
 from vmt.models.batch import ChainBatch
 from vmt.models.parts import NextTokenEmission
 from vmt.models.tokens import sharing_scores
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -707,7 +710,7 @@ def _run_steps(trainer, progress: bool) -> TrainResult:
         trainer.vmt.eval()  # a trained model samples and scores without dropout
 
 
-def fit(vmt, documents, config: TrainConfig, features: FeatureLookup | None = None,
+def fit(vmt: VariationalMarkovTransformer, documents, config: TrainConfig, features: FeatureLookup | None = None,
         checkpoint_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
         meta: dict | None = None, accept_schedule: bool = False,
         teacher: TeacherTargets | None = None) -> TrainResult:

@@ -7,10 +7,15 @@ position 0 (optionally all from a carried state) with any end.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyro
 import torch
 
 from vmt.models.batch import ChainBatch
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 
 def _check(batch: ChainBatch) -> None:
@@ -18,7 +23,7 @@ def _check(batch: ChainBatch) -> None:
         raise ValueError("the reference model needs every row to start at position 0")
 
 
-def reference_model(vmt, batch: ChainBatch, direction: str = "forward") -> None:
+def reference_model(vmt: VariationalMarkovTransformer, batch: ChainBatch, direction: str = "forward") -> None:
     _check(batch)
     transition = vmt.transition_for(direction)
     mask = batch.mask()
@@ -36,7 +41,7 @@ def reference_model(vmt, batch: ChainBatch, direction: str = "forward") -> None:
             pyro.sample(f"y_{k}", vmt.emission.distribution(x_prev).mask(mask[:, k]), obs=batch.obs[:, k])
 
 
-def reference_guide(vmt, batch: ChainBatch, direction: str = "forward") -> None:
+def reference_guide(vmt: VariationalMarkovTransformer, batch: ChainBatch, direction: str = "forward") -> None:
     _check(batch)
     net = vmt.guide_net_for(direction)
     context = vmt.guide_context(batch, direction)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
@@ -47,6 +48,9 @@ from vmt.models.config import VMTConfig
 from vmt.models.guide import feature_context
 from vmt.models.prior import MixturePrior
 from vmt.models.pyro_module import LocalParamsModule
+
+if TYPE_CHECKING:
+    from vmt.models.vmt import VariationalMarkovTransformer
 
 
 class TokenMixture(LocalParamsModule):
@@ -408,7 +412,7 @@ class TokenGuideNet(LocalParamsModule):
         return []
 
 
-def sharing_scores(vmt):
+def sharing_scores(vmt: VariationalMarkovTransformer):
     """:meth:`TokenMixture.sharing` of a token-family VMT; a no-op context for other families."""
     tokens = getattr(vmt, "tokens", None)
     return tokens.sharing() if tokens is not None else nullcontext()
