@@ -15,8 +15,7 @@ from vmt.data.synthetic_recall import (
 from vmt.inference.predictive import next_token_probs
 from vmt.inference.reading import ReadConfig, read
 from vmt.inference.train import TrainConfig, fit
-from vmt.models import VMTConfig
-from vmt.models.vmt import VariationalMarkovTransformer
+from vmt.models.vmt import VariationalMarkovTransformer, token_rnn_vmt
 
 TASK = RecallTaskConfig(n_pairs=1, n_keys=2, n_values=4, n_filler=4)  # chance 0.25
 WINDOW = 8
@@ -29,12 +28,7 @@ def tiny_recall_vmt(generator: torch.Generator) -> VariationalMarkovTransformer:
     for _ in range(40):
         tokens, targets = sample_training_batch(TASK, 16, 40, 0.2, generator)
         docs.extend(write_answers(tokens, targets))
-    vocab = TASK.vocab_size
-    config = VMTConfig(state_dim=40, token_dim=8, obs_dim=vocab, feature_dim=16, guide_hidden=16,
-                       prior="token", transition="token", emission="token", guide="token",
-                       memory_guide="model", min_scale=1e-3, slot_scale=0.1, max_window=WINDOW)
-    spec = {"kind": "gru", "kwargs": {"input": "tokens", "hidden_size": 16, "vocab_size": vocab, "embed_dim": 8}}
-    vmt = VariationalMarkovTransformer(config, reader_spec=spec)
+    vmt = token_rnn_vmt(TASK.vocab_size, memory_dim=32, token_dim=8, hidden=16, max_window=WINDOW, embed_dim=8)
     result = fit(vmt, docs, TrainConfig(regime="windows", window=WINDOW, batch_size=16, steps=300,
                                         learning_rate=1e-2, aux_weight=0.0, max_skip=0, log_every=1000),
                  progress=False)

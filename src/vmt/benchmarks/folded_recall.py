@@ -102,8 +102,6 @@ def training_stream(seed: int, steps: int, batch: int, max_length: int):
 
 def train_and_evaluate(kind: str, seed: int, steps: int, batch: int, max_length: int,
                        n_eval: int) -> dict[int, float]:
-    if kind == "vmt":
-        return train_and_evaluate_vmt(seed, steps, batch, max_length, n_eval)[0]
     torch.manual_seed(seed)
     lm = build(kind, TASK.vocab_size)
     batches = training_stream(seed, steps, batch, max_length)
@@ -131,18 +129,10 @@ def accuracy(seed: int, n_eval: int, answers) -> dict[int, float]:
 
 
 def build_vmt(vocab: int):
-    """The VMT of the recall row: token family with a GRU reader (which only informs the
-    first state of a fresh read: the memory guide is the model's own step)."""
-    from vmt.models import VMTConfig
-    from vmt.models.vmt import VariationalMarkovTransformer
+    """The VMT of the recall row (:func:`vmt.models.vmt.token_rnn_vmt`)."""
+    from vmt.models.vmt import token_rnn_vmt
 
-    config = VMTConfig(state_dim=VMT_MEMORY + VMT_TOKEN, token_dim=VMT_TOKEN, obs_dim=vocab,
-                       feature_dim=WIDTH["d_model"], guide_hidden=WIDTH["d_model"], prior="token",
-                       transition="token", emission="token", guide="token", memory_guide="model",
-                       slot_scale=0.1, min_scale=1e-3, max_window=VMT_WINDOW)
-    spec = {"kind": "gru", "kwargs": {"input": "tokens", "hidden_size": WIDTH["d_model"],
-                                       "vocab_size": vocab, "embed_dim": 32}}
-    return VariationalMarkovTransformer(config, reader_spec=spec)
+    return token_rnn_vmt(vocab, VMT_MEMORY, VMT_TOKEN, WIDTH["d_model"], VMT_WINDOW)
 
 
 def train_and_evaluate_vmt(seed: int, steps: int, batch: int, max_length: int,

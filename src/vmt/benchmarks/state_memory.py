@@ -44,8 +44,7 @@ from vmt.inference.reading import ReadConfig, read
 from vmt.inference.state_memory import MemoryReader, StateMemoryConfig
 from vmt.inference.train import TrainConfig, fit
 from vmt.inference.windows import DocumentStreams
-from vmt.models import VMTConfig
-from vmt.models.vmt import VariationalMarkovTransformer
+from vmt.models.vmt import VariationalMarkovTransformer, token_rnn_vmt
 
 NAME = "state-memory"
 SUMMARY = "long-range key probe at d = 64..4096: carried state vs window-only vs state memory"
@@ -116,14 +115,7 @@ def fit_probe_model(setup: ProbeSetup, docs: KeyDocuments):
     """A character VMT of the token family fitted on key documents in the windows regime."""
     torch.manual_seed(setup.seed)
     train = [docs.training_document(setup.queries, setup.max_gap) for _ in range(setup.train_documents)]
-    vocab = docs.tok.vocab_size
-    config = VMTConfig(state_dim=setup.memory_dim + setup.token_dim, token_dim=setup.token_dim,
-                       obs_dim=vocab, feature_dim=setup.hidden, guide_hidden=setup.hidden,
-                       prior="token", transition="token", emission="token", guide="token",
-                       memory_guide="model", slot_scale=0.1, min_scale=1e-3, max_window=setup.window)
-    spec = {"kind": "gru", "kwargs": {"input": "tokens", "hidden_size": setup.hidden,
-                                       "vocab_size": vocab, "embed_dim": 32}}
-    vmt = VariationalMarkovTransformer(config, reader_spec=spec)
+    vmt = token_rnn_vmt(docs.tok.vocab_size, setup.memory_dim, setup.token_dim, setup.hidden, setup.window)
     epoch = len(DocumentStreams(train, setup.streams, setup.window).window_lengths())
     steps = max(1, round(setup.epochs * epoch))
     result = fit(vmt, train, TrainConfig(

@@ -157,3 +157,21 @@ class VariationalMarkovTransformer(LocalParamsModule):
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def token_rnn_vmt(vocab: int, memory_dim: int, token_dim: int, hidden: int, max_window: int,
+                  embed_dim: int = 32) -> VariationalMarkovTransformer:
+    """A small token-family VMT over ``vocab`` token ids with a GRU reader of the tokens.
+
+    Its guide's memory step is the model's own (``memory_guide="model"``), so the reader only
+    informs the first state of a fresh read: a noisy recurrent language model whose state,
+    ``memory_dim + token_dim`` numbers, is all it carries from one window to the next. Slot
+    noise 0.1 and scale floor 1e-3 keep the memory's view of each token sharp.
+    """
+    config = VMTConfig(state_dim=memory_dim + token_dim, token_dim=token_dim, obs_dim=vocab,
+                       feature_dim=hidden, guide_hidden=hidden, prior="token", transition="token",
+                       emission="token", guide="token", memory_guide="model", slot_scale=0.1,
+                       min_scale=1e-3, max_window=max_window)
+    spec = {"kind": "gru", "kwargs": {"input": "tokens", "hidden_size": hidden, "vocab_size": vocab,
+                                       "embed_dim": embed_dim}}
+    return VariationalMarkovTransformer(config, reader_spec=spec)
