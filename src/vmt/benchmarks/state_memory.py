@@ -209,7 +209,8 @@ def _probe_distance(vmt: VariationalMarkovTransformer, docs: KeyDocuments, setup
     for m in METHODS:
         s = torch.stack(states[m])  # (documents, reads, state)
         acc = linear_probe_accuracy(s[:t], keys[:t], s[t:], keys[t:])
-        out[m] = {"model": _mean_interval(model_p[m]),
+        mean, lo, hi = _mean_interval(model_p[m])  # a probability: the interval stays in [0, 1]
+        out[m] = {"model": (mean, max(lo, 0.0), min(hi, 1.0)),
                   "probe": (acc, *wilson_interval(round(acc * setup.probe_test), setup.probe_test))}
     return out
 
