@@ -33,8 +33,22 @@ def random_batch(vmt, rows=3, steps=6, x0=False):
     return batch
 
 
+def count_calls(monkeypatch, cls, name: str) -> dict:
+    """Count the calls of method ``name`` of ``cls`` in ``["n"]`` (the method still runs)."""
+    calls = {"n": 0}
+    original = getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("memory_guide", ["model", "features"])
 @pytest.mark.parametrize("x0", [False, True])
+
 def test_elbo_term_is_the_next_token_log_probability(x0, memory_guide):
     """With the guide at its initial (model-step) memory, every position's ELBO term after a
     row's fresh start equals log pi_{y_k}(m_k) exactly, whatever the sampled path."""
@@ -175,14 +189,7 @@ def test_shared_scores_compute_the_vocabulary_product_once(monkeypatch):
     torch.manual_seed(0)
     vmt = token_vmt()
     batch = random_batch(vmt, x0=True)
-    calls = {"n": 0}
-    original = TokenMixture._slot_log_density
-
-    def counted(self, u):
-        calls["n"] += 1
-        return original(self, u)
-
-    monkeypatch.setattr(TokenMixture, "_slot_log_density", counted)
+    calls = count_calls(monkeypatch, TokenMixture, "_slot_log_density")
     torch.manual_seed(1)
     shared = elbo_terms(vmt, batch)
     assert calls["n"] == 1
@@ -210,14 +217,7 @@ def test_head_dropout_acts_in_training_only_and_keeps_one_mask_per_state(monkeyp
     vmt = token_vmt(head_dropout=0.5)
     batch = random_batch(vmt)
     vmt.train()
-    calls = {"n": 0}
-    original = TokenMixture.head_logits
-
-    def counted(self, m):
-        calls["n"] += 1
-        return original(self, m)
-
-    monkeypatch.setattr(TokenMixture, "head_logits", counted)
+    calls = count_calls(monkeypatch, TokenMixture, "head_logits")
     terms = elbo_terms(vmt, batch)
     # one head pass (so one dropout mask) per sampled path, shared by prior, transition and emission
     assert calls["n"] == 1
