@@ -185,6 +185,33 @@ def test_cosine_learning_rate_schedule(periodic_documents, small_vmt):
             TrainConfig(**bad)
 
 
+def test_weight_decay_shrinks_every_parameter_by_lr_times_decay_apart_from_the_gradient(
+        float64, periodic_documents, small_vmt):
+    """AdamW's first step is Adam's first step (the same gradient at the same parameters) plus
+    ``-lr * weight_decay * p``: the difference of the two runs is exactly that, for every
+    parameter."""
+    import dataclasses
+
+    docs = periodic_documents()
+    config = TrainConfig(steps=1, batch_size=4, max_length=8, budget=64, learning_rate=1e-2)
+    torch.manual_seed(3)
+    start = small_vmt(**SIZES).state_dict()
+    runs = {}
+    for decay in (0.0, 0.5):
+        vmt = small_vmt(**SIZES)
+        vmt.load_state_dict(start)
+        trainer = Trainer(vmt, docs, dataclasses.replace(config, weight_decay=decay))
+        assert isinstance(trainer.optimizer, torch.optim.AdamW) == (decay > 0)
+        trainer.fit(progress=False)
+        runs[decay] = dict(vmt.named_parameters())
+    for name, p in runs[0.5].items():
+        expected = -config.learning_rate * 0.5 * start[name]
+        assert torch.allclose(p.detach() - runs[0.0][name].detach(), expected, rtol=1e-9, atol=1e-12), name
+    assert max(float(start[n].abs().max()) for n in runs[0.5]) > 0.1  # the decay was visible
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        TrainConfig(weight_decay=-0.1)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, periodic_documents, small_vmt):
     docs = periodic_documents()
     vmt = small_vmt(**SIZES)

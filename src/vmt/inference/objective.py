@@ -15,7 +15,8 @@ process is the case ``W = 1`` with the counts of its own batch: there is one for
 :class:`SVILoss` is the module both launch modes of :class:`vmt.inference.train.Trainer` call.
 
 :func:`optimiser_step` is the step after the loss: backward, the non-finite checks, clipping,
-the learning rate of the step (:meth:`TrainConfig.learning_rate_at`) and Adam. :func:`reseed`
+the learning rate of the step (:meth:`TrainConfig.learning_rate_at`) and Adam (AdamW, with the
+decay decoupled from the gradient, when ``weight_decay > 0``: :func:`make_optimizer`). :func:`reseed`
 seeds every random stream of a step from ``(seed, step, rank)``.
 """
 
@@ -239,6 +240,15 @@ def check_finite_parameters(vmt: VariationalMarkovTransformer, step: int) -> Non
     for name, p in vmt.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise NonFiniteLoss(f"non-finite parameter {name} after step {step}")
+
+
+def make_optimizer(params, config) -> torch.optim.Optimizer:
+    """Adam over ``params``, or AdamW when ``config.weight_decay > 0``: every step shrinks each
+    parameter by ``lr * weight_decay`` times itself, apart from the gradient, so the decay
+    follows the learning-rate schedule."""
+    if config.weight_decay > 0:
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.learning_rate)
 
 
 def optimiser_step(

@@ -67,6 +67,7 @@ from vmt.inference.objective import (
     NonFiniteLoss,
     SVILoss,
     batch_counts,
+    make_optimizer,
     optimiser_step,
     reseed,
 )
@@ -101,6 +102,8 @@ class TrainConfig:
 
     ``lr_decay_steps`` / ``lr_final_fraction``: see :meth:`learning_rate_at`; the rate is a
     function of the step alone, so a resumed run continues the same schedule.
+    ``weight_decay > 0`` trains with AdamW (the decay decoupled from the gradient and scaled by
+    the step's learning rate) instead of Adam: a regulariser against overfitting small data.
     """
 
     regime: Literal["subsequence", "windows"] = "subsequence"
@@ -123,6 +126,7 @@ class TrainConfig:
     lr_decay_steps: int = 0
     lr_final_fraction: float = 0.1
     distill_weight: float = 0.0
+    weight_decay: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -155,6 +159,8 @@ class TrainConfig:
             raise ValueError(f"aux_weight must lie in [0, 1), got {self.aux_weight}")
         if not self.distill_weight >= 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.distill_weight > 0 and self.regime != "windows":
             raise ValueError("distillation (distill_weight > 0) needs regime 'windows'")
         if self.lr_decay_steps < 0:
@@ -315,7 +321,7 @@ class Trainer:
         self.loss_module = SVILoss(self.vmt, config)
         self.model = self._wrap(self.loss_module)
         self.params = [p for p in self.vmt.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate)
+        self.optimizer = make_optimizer(self.params, config)
         self.step = 0
         self.history: list[dict] = []
 
