@@ -55,11 +55,15 @@ def test_windows_advance_by_half_and_never_exceed_w(float64, small_vmt):
     vmt = small_vmt(**SIZES)
     fn = Recording(vmt.reader)
     tokens = torch.randint(0, VOCAB, (50,))
-    res = read(vmt, tokens, ReadConfig(window=8, keep_path=True), fn, samples=2)
+    res = read(vmt, tokens, ReadConfig(window=8, keep_path=True, encode_windows=1), fn, samples=2)
     # windows start at 0, 4, ..., 40; the window at 40 reaches the end (48 >= 50 is false,
     # so 44 is the last start: 44 + 8 >= 50)
     assert fn.longest == 8
     assert res.windows == fn.calls == 12
+    # four windows per call: 11 full windows in runs of 4, 4, 3, then the short last one
+    fn = Recording(vmt.reader)
+    assert read(vmt, tokens, ReadConfig(window=8, encode_windows=4), fn).windows == 12
+    assert fn.calls == 4 and fn.longest == 8
     assert res.scored == 50 and res.position == 49
     assert bool(torch.isfinite(res.path).all())
     assert torch.isfinite(res.elbo).all()
@@ -165,7 +169,7 @@ def test_feature_tokens_reach_the_reader_and_tokens_the_emission(float64, small_
     seen = []
 
     def fn(inputs, lengths):
-        seen.append(inputs[0].clone())
+        seen.extend(row.clone() for row in inputs)
         return vmt.reader(inputs, lengths)
 
     res = read(vmt, tokens, ReadConfig(window=8, keep_path=True), fn, samples=3,

@@ -9,8 +9,8 @@ was given. To read an input longer than any window, :func:`read`:
 3. re-encodes ``W`` tokens from there (fresh look-ahead) and keeps stepping from the carried
    state, until the input ends (the last window is read to its end).
 
-Only the current window's features and the running state are held, so memory is bounded by
-the window, not by the input. Two accelerations trade accuracy for speed:
+Only the features of the windows being read (``encode_windows`` of them, encoded in one
+call) and the running state are held, so memory is bounded by the window, not by the input. Two accelerations trade accuracy for speed:
 
 * **skip** (``skip=t > 1``): ``x_{k+t} ~ q(x_{k+t} | x_k, h_{k+1}, t, T)`` with the skip guide;
 * **jump** (``jump=True``): the first window's last state is drawn directly from the reverse
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(inputs (1, time) or (1, time, obs), lengths (1,)) -> (1, time, feature)``.
+"""``(inputs (batch, time) or (batch, time, obs), lengths (batch,)) -> (batch, time, feature)``;
+:func:`read` passes one row per window, all of the same length.
 
 Any reader of a VMT or an :class:`~vmt.encoders.features.LMFeatureExtractor` has this
 signature. For the forward guide the features must be a *reversed* reading of the window.
@@ -65,6 +66,10 @@ class ReadConfig:
             per token; switch off for the fastest reading).
         keep_path: also return every state ``(samples, time, state)`` (memory grows with the
             input; meant for posterior inspection of texts of moderate length).
+        encode_windows: windows of equal length encoded in one call of the feature function
+            (their features do not depend on the states, so they can be computed ahead). A
+            recurrent reader pays per time step, not per row, so a batch of windows costs
+            little more than one; memory holds this many windows' features.
     """
 
     window: int = 256
@@ -72,6 +77,7 @@ class ReadConfig:
     jump: bool = False
     score: bool = True
     keep_path: bool = False
+    encode_windows: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or self.window < 2:
@@ -80,6 +86,8 @@ class ReadConfig:
             raise ValueError(f"skip must be an integer >= 1, got {self.skip!r}")
         if self.skip > self.window // 2:
             raise ValueError(f"skip {self.skip} must not exceed half the window ({self.window // 2})")
+        if not isinstance(self.encode_windows, int) or self.encode_windows < 1:
+            raise ValueError(f"encode_windows must be an integer >= 1, got {self.encode_windows!r}")
 
 
 @dataclass
@@ -196,20 +204,50 @@ def _transition(transition, x_prev: torch.Tensor):
     return transition.distribution(x_prev)
 
 
-def _window_context(
-    net: GuideNet, feature_fn: FeatureFn, window: torch.Tensor, tokens: torch.Tensor
+def _window_starts(n: int, window: int, start: int) -> Iterator[int]:
+    """Start of every window a read of ``n`` positions encodes from ``start`` on: one every
+    ``window // 2`` positions, the last one reaching the end."""
+    pos = start
+    while pos < n:
+        yield pos
+        if pos + window >= n:
+            return
+        pos += window // 2
+
+
+def _window_groups(n: int, window: int, start: int, group: int) -> Iterator[list[int]]:
+    """:func:`_window_starts` in runs of at most ``group`` windows of equal length (only the
+    last window can be shorter than ``window``), each run encoded in one call."""
+    run: list[int] = []
+    for pos in _window_starts(n, window, start):
+        if run and (len(run) == group or min(window, n - pos) != min(window, n - run[0])):
+            yield run
+            run = []
+        run.append(pos)
+    if run:
+        yield run
+
+
+def _windows_context(
+    net: GuideNet, feature_fn: FeatureFn, feature_tokens: torch.Tensor, tokens: torch.Tensor,
+    starts: list[int], window: int,
 ) -> torch.Tensor:
-    """``(time, hidden)`` guide context of one window ``(time,)`` or ``(time, obs)``;
-    ``tokens (time,)`` are the emission's ids there (read by guides that read tokens)."""
-    steps = window.shape[0]
-    lengths = torch.tensor([steps], device=window.device)
-    feats = feature_fn(window[None], lengths)
-    if feats.dim() != 3 or feats.shape[:2] != (1, steps):
-        raise ValueError(f"the feature function returned {tuple(feats.shape)}, expected (1, {steps}, feature)")
-    ahead = (steps - torch.arange(steps, device=feats.device))[None]
+    """``(windows, time, hidden)`` guide contexts of the equal-length windows at ``starts``,
+    encoded in one call of the feature function on ``(windows, time)`` rows of
+    ``feature_tokens`` (``(windows, time, obs)`` for observations); ``tokens`` are the
+    emission's ids (read by guides that read tokens)."""
+    steps = min(window, tokens.shape[0] - starts[0])
+    rows = torch.stack([feature_tokens[p : p + steps] for p in starts])  # (windows, time[, obs])
+    lengths = torch.full((len(starts),), steps, dtype=torch.long, device=rows.device)
+    feats = feature_fn(rows, lengths)
+    if feats.dim() != 3 or feats.shape[:2] != (len(starts), steps):
+        raise ValueError(f"the feature function returned {tuple(feats.shape)}, "
+                         f"expected ({len(starts)}, {steps}, feature)")
+    ahead = (steps - torch.arange(steps, device=feats.device)).expand(len(starts), -1)  # (windows, time)
     if getattr(net, "reads_tokens", False):
-        return net.context(feats, ahead, tokens=tokens[None].to(feats.device))[0]
-    return net.context(feats, ahead)[0]
+        ids = torch.stack([tokens[p : p + steps] for p in starts]).to(feats.device)
+        return net.context(feats, ahead, tokens=ids)
+    return net.context(feats, ahead)
 
 
 class _Reading:
@@ -331,13 +369,12 @@ def _next_state(reading: _Reading, net: GuideNet, transition, ctx: torch.Tensor,
     reading.keep(x, k)
 
 
-def _read_window(reading: _Reading, net: GuideNet, transition, prior, feature_fn: FeatureFn,
-                 feature_tokens: torch.Tensor, pos: int, config: ReadConfig) -> int:
-    """Encode the window starting at ``pos`` and sample the states of its first half (all of
-    it when it is the last window); returns how many positions it advanced."""
-    tokens, n, w, t = reading.tokens, reading.tokens.shape[0], config.window, config.skip
-    ctx = _window_context(net, feature_fn, feature_tokens[pos : pos + w], tokens[pos : pos + w])
-    step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per window
+def _read_window(reading: _Reading, net: GuideNet, transition, prior, ctx: torch.Tensor,
+                 step_ctx: torch.Tensor, pos: int, config: ReadConfig) -> int:
+    """Sample the states of the first half of the window starting at ``pos`` (all of it when
+    it is the last window) from its guide context ``ctx (time, hidden)`` and skip context
+    ``step_ctx (time, hidden)``; returns how many positions it advanced."""
+    n, w, t = reading.tokens.shape[0], config.window, config.skip
     reading.windows += 1
     final = pos + w >= n
     advance = n - pos if final else w // 2
@@ -352,6 +389,18 @@ def _read_window(reading: _Reading, net: GuideNet, transition, prior, feature_fn
             _first_state(reading, net, ctx[k - pos], k, prior, config.score)
         else:
             _next_state(reading, net, transition, ctx, step_ctx, pos, k, t, config.score)
+
+
+def _read_windows(reading: _Reading, net: GuideNet, transition, prior, feature_fn: FeatureFn,
+                  feature_tokens: torch.Tensor, start: int, config: ReadConfig) -> Iterator[int]:
+    """Read every window from ``start`` on, encoding ``config.encode_windows`` at a time;
+    yields how many positions each window advanced."""
+    n, t = reading.tokens.shape[0], config.skip
+    for starts in _window_groups(n, config.window, start, config.encode_windows):
+        ctx = _windows_context(net, feature_fn, feature_tokens, reading.tokens, starts, config.window)
+        step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per run of windows
+        for i, pos in enumerate(starts):
+            yield _read_window(reading, net, transition, prior, ctx[i], step_ctx[i], pos, config)
 
 
 @torch.no_grad()
@@ -417,9 +466,7 @@ def read(
     if config.jump:
         pos = _jump(reading, reverse_net, jump_features or flipped(feature_fn), feature_tokens, config.window)
         bar.update(pos)
-    while pos < n:
-        advance = _read_window(reading, net, transition, prior, feature_fn, feature_tokens, pos, config)
-        pos += advance
+    for advance in _read_windows(reading, net, transition, prior, feature_fn, feature_tokens, pos, config):
         bar.update(advance)
     bar.close()
     return reading.result()
