@@ -96,3 +96,18 @@ def test_invalid_arguments_are_rejected():
     tokens = GRUReader("tokens", 8, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="int64"):
         tokens(torch.zeros(2, 4), torch.tensor([4, 4]))
+
+
+@pytest.mark.parametrize(("cls", "kind"), CASES)
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_rows_without_padding_read_as_padded_rows_do(cls, kind, direction):
+    """Full-length rows skip the masking and read with a plain flip: the same values as the
+    masked path, which a row padded by one position takes."""
+    torch.manual_seed(0)
+    reader = _make(cls, kind, direction).eval()
+    x = _inputs(kind, batch=3, time=6)
+    padded = torch.cat([x, _inputs(kind, batch=3, time=1)], dim=1)
+    lengths = torch.full((3,), 6)
+    with torch.no_grad():
+        full, reference = reader(x, lengths), reader(padded, lengths)[:, :6]
+    torch.testing.assert_close(full, reference, rtol=0, atol=1e-9)

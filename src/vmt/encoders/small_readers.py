@@ -25,6 +25,13 @@ InputKind = Literal["tokens", "features"]
 Direction = Literal["reverse", "forward"]
 
 
+def _unpadded(lengths: torch.Tensor, time: int) -> bool:
+    """Whether every row of a ``(batch,)`` ``lengths`` (checked to lie in ``[1, time]``)
+    fills all ``time`` positions (then masking is a no-op and flipping within lengths is a
+    plain flip; e.g. the windows a long read encodes)."""
+    return lengths.numel() > 0 and int(lengths.min()) == time
+
+
 class _Reader(nn.Module):
     """Input embedding, direction handling and output masking shared by the readers."""
 
@@ -77,6 +84,8 @@ class _Reader(nn.Module):
             raise ValueError(f"feature inputs must be floating point, got {inputs.dtype}")
         batch, time = inputs.shape[:2]
         check_lengths(batch, time, lengths)
+        if _unpadded(lengths, time):  # nothing to mask; flipping within lengths is flipping
+            return self.embed(inputs.flip(1) if self.direction == "reverse" else inputs)
         lengths = lengths.to(inputs.device)
         valid = length_mask(lengths, time)
         if self.input == "tokens":
@@ -88,6 +97,9 @@ class _Reader(nn.Module):
         return self.embed(inputs)
 
     def _finish(self, out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``out (batch, time, hidden)`` in input order, zero at padding."""
+        if _unpadded(lengths, out.shape[1]):
+            return out.flip(1) if self.direction == "reverse" else out
         lengths = lengths.to(out.device)
         if self.direction == "reverse":
             out = flip_within_lengths(out, lengths)

@@ -328,14 +328,14 @@ def _jump(reading: _Reading, reverse_net: GuideNet, features: FeatureFn, feature
     return m
 
 
-def _first_state(reading: _Reading, net: GuideNet, ctx_k: torch.Tensor, k: int, prior, score: bool) -> None:
+def _first_state(reading: _Reading, net: GuideNet, ctx_k: torch.Tensor, k: int, score: bool) -> None:
     """Sample ``x_k ~ q(x_1 | h_k, T)`` from the guide context ``ctx_k (hidden,)``; scored
-    against the prior."""
+    against the prior (built only then: reads that do not score never need it)."""
     loc, scale, combined = net.first_params(ctx_k.expand(reading.samples, -1))
     q = _gaussian(net, loc, scale, combined)
     x = q.sample()
     if score:
-        reading.score(x, k, prior.log_prob(x), q.log_prob(x))
+        reading.score(x, k, reading.vmt.prior.distribution().log_prob(x), q.log_prob(x))
     reading.keep(x, k)
 
 
@@ -369,7 +369,7 @@ def _next_state(reading: _Reading, net: GuideNet, transition, ctx: torch.Tensor,
     reading.keep(x, k)
 
 
-def _read_window(reading: _Reading, net: GuideNet, transition, prior, ctx: torch.Tensor,
+def _read_window(reading: _Reading, net: GuideNet, transition, ctx: torch.Tensor,
                  step_ctx: torch.Tensor, pos: int, config: ReadConfig) -> int:
     """Sample the states of the first half of the window starting at ``pos`` (all of it when
     it is the last window) from its guide context ``ctx (time, hidden)`` and skip context
@@ -386,12 +386,12 @@ def _read_window(reading: _Reading, net: GuideNet, transition, prior, ctx: torch
         if k >= pos + advance:
             return advance
         if reading.x_prev is None:
-            _first_state(reading, net, ctx[k - pos], k, prior, config.score)
+            _first_state(reading, net, ctx[k - pos], k, config.score)
         else:
             _next_state(reading, net, transition, ctx, step_ctx, pos, k, t, config.score)
 
 
-def _read_windows(reading: _Reading, net: GuideNet, transition, prior, feature_fn: FeatureFn,
+def _read_windows(reading: _Reading, net: GuideNet, transition, feature_fn: FeatureFn,
                   feature_tokens: torch.Tensor, start: int, config: ReadConfig) -> Iterator[int]:
     """Read every window from ``start`` on, encoding ``config.encode_windows`` at a time;
     yields how many positions each window advanced."""
@@ -400,7 +400,7 @@ def _read_windows(reading: _Reading, net: GuideNet, transition, prior, feature_f
         ctx = _windows_context(net, feature_fn, feature_tokens, reading.tokens, starts, config.window)
         step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per run of windows
         for i, pos in enumerate(starts):
-            yield _read_window(reading, net, transition, prior, ctx[i], step_ctx[i], pos, config)
+            yield _read_window(reading, net, transition, ctx[i], step_ctx[i], pos, config)
 
 
 @torch.no_grad()
@@ -460,13 +460,12 @@ def read(
             raise ValueError("the jump starts a read; it cannot continue from a carried x0")
         reverse_net = vmt.guide_net_for("reverse")  # raises without reverse networks
     reading = _Reading(vmt, tokens, samples, _checked_x0(x0, samples, c.state_dim), config.keep_path)
-    prior = vmt.prior.distribution()
     n, pos = tokens.shape[0], 0
     bar = tqdm(total=n, unit="tok", desc="reading", disable=not progress, leave=False)
     if config.jump:
         pos = _jump(reading, reverse_net, jump_features or flipped(feature_fn), feature_tokens, config.window)
         bar.update(pos)
-    for advance in _read_windows(reading, net, transition, prior, feature_fn, feature_tokens, pos, config):
+    for advance in _read_windows(reading, net, transition, feature_fn, feature_tokens, pos, config):
         bar.update(advance)
     bar.close()
     return reading.result()
