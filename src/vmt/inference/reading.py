@@ -353,7 +353,7 @@ def _next_state(reading: _Reading, net: GuideNet, transition, ctx: torch.Tensor,
         skip_ctx = step_ctx[h_pos].expand(samples, -1)
     else:
         skip_ctx = net.skip_context(ctx[h_pos].expand(samples, -1), step)
-    if step > 1:
+    if step > 1 and getattr(net, "reads_tokens", False):  # only these read the target's context
         skip_ctx = net.with_target(skip_ctx, ctx[k - pos].expand(samples, -1))
     x_prev = reading.x_prev
     loc, scale, combined = net.step_params(x_prev, skip_ctx, skip=step)

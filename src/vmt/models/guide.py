@@ -94,7 +94,8 @@ class GuideNet(LocalParamsModule):
         """The skip context for a step that lands on a position with ``target_context``.
 
         This guide reads nothing of the target position beyond the features it started from:
-        ``skip_context`` is returned unchanged (guides that read tokens override this).
+        ``skip_context`` is returned unchanged (guides that read tokens override this; the
+        sequential reader calls it only for guides with ``reads_tokens``).
         """
         return skip_context
 
