@@ -40,7 +40,8 @@ def _seeded_read(vmt, tokens, config, **kwargs):
 @pytest.mark.parametrize("skip,jump,score", [(1, False, True), (4, False, True), (3, False, False),
                                              (1, True, True), (2, True, False)])
 @pytest.mark.parametrize("n", [5, 23, 50, 64])
-def test_windows_encoded_together_read_as_one_at_a_time(kind, skip, jump, score, n, float64, small_vmt):
+def test_windows_encoded_together_read_as_one_at_a_time(kind, skip, jump, score, n, float64,
+                                                        small_vmt):
     if kind == "token" and jump:
         pytest.skip("the token VMT has no reverse networks")
     vmt = _model(kind, small_vmt)
@@ -59,7 +60,8 @@ def test_carried_and_reverse_reads_match_too(float64, small_vmt):
     tokens = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(0))
     x0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
     for kwargs in (dict(x0=x0), dict(direction="reverse")):
-        one = _seeded_read(vmt, tokens, ReadConfig(window=8, skip=2, keep_path=True, encode_windows=1), **kwargs)
+        config = ReadConfig(window=8, skip=2, keep_path=True, encode_windows=1)
+        one = _seeded_read(vmt, tokens, config, **kwargs)
         many = _seeded_read(vmt, tokens, ReadConfig(window=8, skip=2, keep_path=True), **kwargs)
         _assert_same(one, many)
 

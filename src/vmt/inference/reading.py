@@ -10,7 +10,8 @@ was given. To read an input longer than any window, :func:`read`:
    state, until the input ends (the last window is read to its end).
 
 Only the features of the windows being read (``encode_windows`` of them, encoded in one
-call) and the running state are held, so memory is bounded by the window, not by the input. Two accelerations trade accuracy for speed:
+call) and the running state are held, so memory is bounded by the window, not by the input.
+Two accelerations trade accuracy for speed:
 
 * **skip** (``skip=t > 1``): ``x_{k+t} ~ q(x_{k+t} | x_k, h_{k+1}, t, T)`` with the skip guide;
 * **jump** (``jump=True``): the first window's last state is drawn directly from the reverse
@@ -243,7 +244,8 @@ def _windows_context(
     if feats.dim() != 3 or feats.shape[:2] != (len(starts), steps):
         raise ValueError(f"the feature function returned {tuple(feats.shape)}, "
                          f"expected ({len(starts)}, {steps}, feature)")
-    ahead = (steps - torch.arange(steps, device=feats.device)).expand(len(starts), -1)  # (windows, time)
+    ahead = steps - torch.arange(steps, device=feats.device)
+    ahead = ahead.expand(len(starts), -1)  # (windows, time)
     if getattr(net, "reads_tokens", False):
         ids = torch.stack([tokens[p : p + steps] for p in starts]).to(feats.device)
         return net.context(feats, ahead, tokens=ids)
@@ -397,7 +399,8 @@ def _read_windows(reading: _Reading, net: GuideNet, transition, feature_fn: Feat
     yields how many positions each window advanced."""
     n, t = reading.tokens.shape[0], config.skip
     for starts in _window_groups(n, config.window, start, config.encode_windows):
-        ctx = _windows_context(net, feature_fn, feature_tokens, reading.tokens, starts, config.window)
+        ctx = _windows_context(net, feature_fn, feature_tokens, reading.tokens, starts,
+                               config.window)  # (windows, time, hidden)
         step_ctx = net.skip_context(ctx, t)  # everything x-independent, once per run of windows
         for i, pos in enumerate(starts):
             yield _read_window(reading, net, transition, ctx[i], step_ctx[i], pos, config)
