@@ -219,9 +219,11 @@ class MusicRunResult:
         def bound(ev: EvalResult | None):
             if ev is None:
                 return None
+            pieces = sorted(ev.per_document, key=lambda d: d.index)
             return {"particles": ev.particles, "neg_elbo": ev.neg_elbo_per_token, "iwae": ev.iwae_per_token,
                     "reconstruction": ev.reconstruction_per_token, "kl": ev.kl_per_token,
-                    "steps": ev.tokens, "pieces": ev.documents}
+                    "steps": ev.tokens, "pieces": ev.documents,
+                    "per_piece": [[d.tokens, d.neg_elbo, d.neg_iwae] for d in pieces]}
 
         return {"steps": self.steps, "cpu_seconds": self.cpu_seconds, "best_step": self.best_step,
                 "curve": self.curve, "stopped": self.stopped, "valid": bound(self.valid),

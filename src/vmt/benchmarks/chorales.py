@@ -260,7 +260,8 @@ def _budget_figure(runs: dict, quick: bool, figure_dir: Path) -> tuple[Path, tup
         if label == "JSB":
             ax.axhline(6.87, color="k", ls="--", lw=1, label="6.87: Pyro DMM tutorial (no IAF)")
             ax.axhline(6.93, color="grey", ls=":", lw=1, label="6.93: Krishnan et al. 2017")
-            fit = _extrapolate([r["curve"] for r in results], 3600.0)
+            growing = [r["curve"] for r in results if r["stopped"] != "patience"]
+            fit = _extrapolate(growing, 3600.0) if growing else None
             if fit is not None and not quick:
                 value, (a, b, c) = fit
                 span = max(rec["cpu_seconds"] for r in results for rec in r["curve"])
@@ -300,9 +301,11 @@ def _budget_notes(preset, schedule, schedule_name: str, runs: dict, rows: list[l
         f"{train.steps:,} steps at most; validation −ELBO ({schedule.valid_particles} draws per piece) "
         f"every {schedule.eval_every} steps, the best model scored on test; batch {train.batch_size}, "
         f"suffix-parallel budget {train.budget} states, subsequences up to {train.max_length} steps; "
+        f"{'AdamW with weight decay ' + format(train.weight_decay, 'g') + ', ' if train.weight_decay else ''}"
         f"learning rate {train.learning_rate:g} with a cosine decay to "
         f"{train.lr_final_fraction:g}× over {train.lr_decay_steps:,} steps; KL annealing from "
-        f"{train.annealing_start:g} over {train.annealing_steps:,} steps).",
+        f"{train.annealing_start:g} over {train.annealing_steps:,} steps"
+        f"{f'; {schedule.patience} validations without improvement stop a run' if schedule.patience else ''}).",
         "Every number is nats per time step on whole pieces (each piece one chain); −ELBO is the "
         f"mean over the same {schedule.test_particles} draws whose log-mean-exp gives IWAE-"
         f"{schedule.test_particles}; IWAE-{k} uses fresh draws. All are upper bounds on the NLL, "
@@ -315,12 +318,13 @@ def _budget_notes(preset, schedule, schedule_name: str, runs: dict, rows: list[l
         value, a, b, c, span = extrapolated
         notes.append(
             f"**Extrapolation, not a measurement:** a power law `a + b·t^(−c)` fitted to the best "
-            f"validation bound of {len(runs['JSB'])} seed(s) against CPU seconds (a = {a:.3f}, b = {b:.3g}, "
+            f"validation bound of the {len(runs['JSB'])} seed(s) not stopped by patience against CPU seconds (a = {a:.3f}, b = {b:.3g}, "
             f"c = {c:.3f}; points after a quarter of the {span:.0f} s measured) gives {value:.3f} "
             "nats per step at 3,600 CPU s (validation split; the test split runs about "
             f"{_offset(runs.get('JSB', []))} from it here). The fitted runs decay their learning rate "
             "within their own budget, so this is a rough guide to the hour, not its curve."
             if "JSB" in runs else "")
+    notes.extend(_limits(runs, k))
     unfinished = [f"{label} seed {r['seed']}" for label, rs in runs.items() for r in rs if r["test"] is None]
     if unfinished:
         notes.append(f"Unfinished (stopped part-way; the curve so far is drawn, the valid column is the "
@@ -330,6 +334,36 @@ def _budget_notes(preset, schedule, schedule_name: str, runs: dict, rows: list[l
                      f"finished seeds): {', '.join(missing)}.")
     md = "\n\n".join([table, "![bound against CPU time](figures/chorales_budget.png)", published, *notes])
     return md
+
+
+def _limits(runs: dict, k: int) -> list[str]:
+    """What the finished runs say limits the bound: where the best step fell against the CPU
+    spent, how far the training bound had fallen below the validation bound there (fitting the
+    training pieces rather than the music), and what the guide leaves (−ELBO minus IWAE-k)."""
+    notes = []
+    for label, results in runs.items():
+        done = [r for r in results if r["test"] is not None]
+        if not done:
+            continue
+        at_best = [next(c for c in r["curve"] if c["step"] == r["best_step"]) for r in done]
+        best_cpu = statistics.mean(c["cpu_seconds"] for c in at_best)
+        spent = statistics.mean(r["cpu_seconds"] for r in done)
+        gaps = [r["curve"][-1]["valid_neg_elbo"] - r["curve"][-1]["train_neg_elbo"] for r in done]
+        gaps = [g for g in gaps if math.isfinite(g)]
+        patience = sum(r["stopped"] == "patience" for r in done)
+        text = (f"**What limits the bound ({label}, mean of {len(done)} seed(s)).** The best validation bound "
+                f"came at {best_cpu:.0f} of the {spent:.0f} CPU s spent; {patience} of {len(done)} run(s) "
+                "stopped because the validation bound no longer improved.")
+        if gaps:
+            text += (f" At the last validation the validation −ELBO stood {statistics.mean(gaps):+.2f} nats "
+                     "above the training −ELBO of that step's subsequences (one batch, so noisy): the model "
+                     "fits the training pieces better than music it has not heard.")
+        if k:
+            guide_gap = statistics.mean(r["test"]["neg_elbo"] - r["iwae"]["iwae"] for r in done)
+            text += (f" The guide leaves {guide_gap:.2f} nats per step between the test −ELBO and IWAE-{k}: "
+                     "a posterior closer to the model's would tighten the −ELBO by up to that much.")
+        notes.append(text)
+    return notes
 
 
 def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
@@ -344,6 +378,88 @@ def budgeted(datasets: dict, quick: bool, figure_dir: Path, root: Path):
     return md, metrics, figure, {"schedule": schedule_name, "preset": PRESET,
                                  "max_cpu_seconds": schedule.max_cpu_seconds,
                                  "seeds": {label: [r["seed"] for r in rs] for label, rs in runs.items()}}
+
+
+# -- the guide families at equal CPU time (JSB) ---------------------------------------------------
+GUIDES = (("gaussian", "gated combiner, diagonal Gaussian step (the preset)"),
+          ("affine", "affine in the state, path sampled by a parallel scan"))
+GUIDE_SECONDS = 600.0
+
+
+def _guide_setup(quick: bool):
+    """The preset and the schedule both guides train with: ``jsb-hour`` compressed to
+    ``$VMT_CHORALES_GUIDE_SECONDS`` (600) CPU seconds, no early stop, no IWAE-1000."""
+    preset, schedule, _ = _configs(quick)
+    seconds = schedule.max_cpu_seconds
+    if not quick:
+        seconds = float(os.environ.get("VMT_CHORALES_GUIDE_SECONDS", GUIDE_SECONDS))
+        schedule = schedule.with_budget(seconds)
+    return preset, dataclasses.replace(schedule, patience=0, iwae_particles=0), seconds
+
+
+def _piece_row(label: str, result: dict, key: str):
+    """A per-piece record of one run's test bound (``key``: ``neg_elbo`` or ``iwae``)."""
+    import numpy as np
+
+    from vmt.benchmarks.text_lm import Row
+
+    pieces = np.array(result["test"]["per_piece"], dtype=np.float64)  # (pieces, [steps, -elbo, -iwae])
+    column = 1 if key == "neg_elbo" else 2
+    return Row(label, key, pieces[:, column], pieces[:, 0])
+
+
+def guide_comparison(splits, quick: bool, root: Path) -> tuple[str, dict, dict] | None:
+    """Train the preset with each guide of :data:`GUIDES` for the same CPU seconds (seed 0) and
+    bound the test split; ``None`` if a run is missing (``$VMT_CHORALES_REUSE_ONLY``)."""
+    from vmt.benchmarks.text_lm import bootstrap_indices, difference_interval, ratio_interval
+
+    preset, schedule, seconds = _guide_setup(quick)
+    reuse_only = os.environ.get("VMT_CHORALES_REUSE_ONLY", "") not in ("", "0")
+    results = {}
+    for guide, _ in GUIDES:
+        found = _run_seed(dataclasses.replace(preset, vmt={**preset.vmt, "guide": guide}), schedule, splits,
+                          f"jsb-guide-{guide}", 0, root, "JSB", reuse_only)
+        if found is None or found.get("test") is None or "per_piece" not in found["test"]:
+            return None
+        results[guide] = found
+    k = schedule.test_particles
+    rows, metrics = [], {}
+    first = {key: _piece_row(GUIDES[0][0], results[GUIDES[0][0]], key) for key in ("neg_elbo", "iwae")}
+    draws = bootstrap_indices(len(first["neg_elbo"].tokens))
+    for guide, label in GUIDES:
+        r = results[guide]
+        cells = []
+        for key in ("neg_elbo", "iwae"):
+            row = _piece_row(guide, r, key)
+            lo, hi = ratio_interval(row.nll, row.tokens, draws)
+            d, a, b = difference_interval(row, first[key], draws)
+            cells += [f"{row.per_token:.3f} [{lo:.3f}, {hi:.3f}]",
+                      "–" if guide == GUIDES[0][0] else f"{d:+.3f} [{a:+.3f}, {b:+.3f}]"]
+            metrics[f"jsb_guide_{guide}_test_{key if key == 'neg_elbo' else f'iwae{k}'}"] = row.per_token
+        rows.append([f"`{guide}`: {label}", r["steps"], round(r["cpu_seconds"]),
+                     round(r["steps"] / max(r["cpu_seconds"], 1e-9), 1), r["valid"]["neg_elbo"], *cells])
+    table = markdown_table(["guide", "SVI steps", "training CPU s", "steps per CPU s", "valid −ELBO",
+                            "test −ELBO [95%]", "minus gated (paired 95%)", f"test IWAE-{k} [95%]",
+                            "minus gated (paired 95%)"], rows)
+    note = (f"Both guides train the `{PRESET}` preset (seed 0) with the `{SCHEDULE}` schedule compressed to "
+            f"{seconds:.0f} CPU seconds of SVI on one thread (steps and learning-rate decay scaled to it, no "
+            "early stop); the model with the best validation bound is scored on the test pieces, one piece at a "
+            f"time, {k} draws. Intervals are 95% percentile bootstraps over the test pieces; the differences "
+            "are paired (the same resampled pieces for both guides). One training run per guide: the "
+            "intervals cover the test pieces, not the training randomness.")
+    return f"{table}\n\n{note}", metrics, {"guide_cpu_seconds": seconds, "guides": [g for g, _ in GUIDES]}
+
+
+def _guide_section(datasets: dict, quick: bool, root: Path) -> tuple[str, dict, dict]:
+    """The page's guide-family section (JSB only; ``$VMT_CHORALES_GUIDES=0`` skips it)."""
+    if "JSB" not in datasets or os.environ.get("VMT_CHORALES_GUIDES", "1") == "0":
+        return "", {}, {"guides": False}
+    found = guide_comparison(datasets["JSB"], quick, root)
+    title = "\n\n### Guide families at equal CPU time (JSB)\n\n"
+    if found is None:
+        return f"{title}Not run (`$VMT_CHORALES_REUSE_ONLY` and no finished runs).", {}, {"guides": False}
+    md, metrics, config = found
+    return title + md, metrics, config
 
 
 # -- the equal-budget comparison ---------------------------------------------------------------
@@ -458,6 +574,8 @@ def run(quick: bool, figure_dir: Path, data: str | None = None) -> BenchResult:
     labels = {"JSB": "JSB (standard split)", "music21": "music21 chorales"}
     md = f"### The `{PRESET}` preset against the published bounds\n\n{budget_md}"
     figures = [budget_figure]
+    guide_md, guide_metrics, guide_config = _guide_section(datasets, quick, root)
+    md += guide_md
     compare_metrics, compare_config = {}, {"comparison": False}
     if os.environ.get("VMT_CHORALES_COMPARISON", "1") != "0":
         datasets["music21"] = music21_splits()
@@ -467,8 +585,8 @@ def run(quick: bool, figure_dir: Path, data: str | None = None) -> BenchResult:
         figures.append(compare_figure)
     if not path:
         md += "\n\nThe JSB rows are absent: pass the standard split with `--data PATH`."
-    metrics = {**budget_metrics, **compare_metrics}
-    config = {**budget_config, **compare_config, "datasets": list(datasets)}
+    metrics = {**budget_metrics, **guide_metrics, **compare_metrics}
+    config = {**budget_config, **guide_config, **compare_config, "datasets": list(datasets)}
     if "music21" in loaded:
         config["music21_pieces"] = sum(len(v) for v in loaded["music21"].values())
     assert all(math.isfinite(v) for v in metrics.values())
