@@ -36,14 +36,15 @@ def _seeded_read(vmt, tokens, config, **kwargs):
     return read(vmt, tokens, config, samples=3, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "flow", "full", "token"])
-@pytest.mark.parametrize("skip,jump,score", [(1, False, True), (4, False, True), (3, False, False),
-                                             (1, True, True), (2, True, False)])
-@pytest.mark.parametrize("n", [5, 23, 50, 64])
+READS = [(1, False, True), (4, False, True), (3, False, False), (1, True, True), (2, True, False)]
+CASES = [(kind, *read) for kind in ("gaussian", "flow", "full", "token") for read in READS
+         if not (kind == "token" and read[1])]  # the token VMT has no reverse networks to jump with
+
+
+@pytest.mark.parametrize("kind,skip,jump,score", CASES)
+@pytest.mark.parametrize("n", [5, 23, 64])
 def test_windows_encoded_together_read_as_one_at_a_time(kind, skip, jump, score, n, float64,
                                                         small_vmt):
-    if kind == "token" and jump:
-        pytest.skip("the token VMT has no reverse networks")
     vmt = _model(kind, small_vmt)
     tokens = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n))
     for window in (8, 9):
