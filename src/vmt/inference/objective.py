@@ -289,7 +289,8 @@ def optimiser_step(
     norm = torch.nn.utils.clip_grad_norm_(params, config.clip_norm if config.clip_norm is not None else math.inf)
     if not math.isfinite(float(norm)):
         raise NonFiniteLoss(f"non-finite gradient norm at step {step + 1}")
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # the config decides, also over a resumed optimiser's state
         group["lr"] = config.learning_rate_at(step)
+        group["weight_decay"] = config.weight_decay
     optimizer.step()
     check_finite_parameters(vmt, step + 1)
