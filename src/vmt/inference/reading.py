@@ -246,7 +246,7 @@ def _windows_context(
                          f"expected ({len(starts)}, {steps}, feature)")
     ahead = steps - torch.arange(steps, device=feats.device)
     ahead = ahead.expand(len(starts), -1)  # (windows, time)
-    if getattr(net, "reads_tokens", False):
+    if net.reads_tokens:
         ids = torch.stack([tokens[p : p + steps] for p in starts]).to(feats.device)
         return net.context(feats, ahead, tokens=ids)
     return net.context(feats, ahead)
@@ -320,7 +320,7 @@ def _jump(reading: _Reading, reverse_net: GuideNet, features: FeatureFn, feature
     # h_m summarises y_1 .. y_m; the reverse guide reads the reversed window, whose first
     # position is y_m with m tokens ahead
     ahead = torch.tensor([[m]], device=fwd.device)
-    if getattr(reverse_net, "reads_tokens", False):
+    if reverse_net.reads_tokens:
         ctx = reverse_net.context(fwd[:, -1:], ahead, tokens=tokens[m - 1 : m][None])[0, 0]
     else:
         ctx = reverse_net.context(fwd[:, -1:], ahead)[0, 0]
@@ -355,7 +355,7 @@ def _next_state(reading: _Reading, net: GuideNet, transition, ctx: torch.Tensor,
         skip_ctx = step_ctx[h_pos].expand(samples, -1)
     else:
         skip_ctx = net.skip_context(ctx[h_pos].expand(samples, -1), step)
-    if step > 1 and getattr(net, "reads_tokens", False):  # only these read the target's context
+    if step > 1 and net.reads_tokens:  # only these read the target's context
         skip_ctx = net.with_target(skip_ctx, ctx[k - pos].expand(samples, -1))
     x_prev = reading.x_prev
     loc, scale, combined = net.step_params(x_prev, skip_ctx, skip=step)

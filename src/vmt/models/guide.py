@@ -45,6 +45,8 @@ class GuideNet(LocalParamsModule):
     the skip ``t`` as ``log(t) / log(max_skip)``.
     """
 
+    reads_tokens = False
+
     def __init__(self, config: VMTConfig):
         super().__init__()
         d, f, h = config.state_dim, config.feature_dim, config.guide_hidden

@@ -71,7 +71,10 @@ class NextTokenEmission(Emission, Protocol):
 class GuideStep(Protocol):
     """The guide's network, one state at a time: parameters of the first state and of a step,
     and the distribution they define (:class:`vmt.models.guide.GuideNet`, the token family's
-    and the affine guide's nets)."""
+    and the affine guide's nets). ``reads_tokens``: the context also embeds the token at each
+    position (:meth:`context` takes ``tokens=``), as the token family's guide does."""
+
+    reads_tokens: bool
 
     def first_params(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 

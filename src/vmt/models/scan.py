@@ -173,6 +173,8 @@ class AffineGuideNet(LocalParamsModule):
     like the gated guide's linear skip.
     """
 
+    reads_tokens = False
+
     def __init__(self, config: VMTConfig):
         super().__init__()
         d, f, h = config.state_dim, config.feature_dim, config.guide_hidden

@@ -131,7 +131,7 @@ class VariationalMarkovTransformer(LocalParamsModule):
     def guide_context(self, batch: ChainBatch, direction: Direction = "forward") -> torch.Tensor:
         """``(batch, time, hidden)``: everything the guide needs that does not depend on ``x``."""
         net = self.guide_net_for(direction)
-        if getattr(net, "reads_tokens", False):
+        if net.reads_tokens:
             return net.context(self.guide_features(batch), batch.ahead(), batch.source,
                                tokens=batch.obs)
         return net.context(self.guide_features(batch), batch.ahead(), batch.source)
