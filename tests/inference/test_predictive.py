@@ -144,3 +144,32 @@ def test_token_penalty_spreads_unk_over_the_merged_ids():
     assert int(fair.greedy[0]) != 0
     with pytest.raises(ValueError, match="token_penalty"):
         filter_continuation(vmt, state, torch.tensor([1]), token_penalty=torch.zeros(6))
+
+
+def test_token_family_scores_with_the_slot_integrated_out():
+    """Nearly noiseless memory and slot: the continuation's probability is the product of the
+    next-token heads along the deterministic memory path, which the filter must give with 4
+    particles (a bootstrap weight by the sampled slot's responsibility would be 0 or 1 per
+    particle and resolve each probability only to 1/4)."""
+    from vmt.models.vmt import token_rnn_vmt
+
+    torch.manual_seed(3)
+    vmt = token_rnn_vmt(vocab=7, memory_dim=5, token_dim=3, hidden=8, max_window=16).double()
+    mixture = vmt.emission._shared.module
+    mixture.slot_scale = 1e-5
+    with torch.no_grad():
+        vmt.transition.to_scale.bias.fill_(-30.0)  # memory noise at its floor, 1e-3
+        vmt.transition.min_scale = 1e-7
+    x = torch.randn(1, 8, dtype=torch.float64)
+    ys = torch.tensor([2, 5, 0, 6, 6, 1])
+    exact, state = 0.0, x
+    with torch.no_grad():
+        for y in ys:  # the deterministic path: m' = GRU(m, u), u' = e_y
+            m, _ = vmt.transition.memory_params(state)
+            exact += float(mixture.head_log_probs(m)[0, y])
+            state = torch.cat([m, mixture.token_embedding(y)[None]], -1)
+        first = mixture.head_log_probs(vmt.transition.memory_params(x)[0])[0].exp()
+    out = filter_continuation(vmt, x.expand(4, -1), ys)
+    assert out.log_prob == pytest.approx(exact, abs=1e-4)
+    assert torch.allclose(out.particles[:, 5:], mixture.token_embedding(ys[-1]).expand(4, -1), atol=1e-3)
+    assert torch.allclose(next_token_probs(vmt, x.expand(4, -1)), first, atol=1e-6)

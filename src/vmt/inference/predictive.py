@@ -17,6 +17,14 @@ means is an unbiased estimate of the continuation's probability; its logarithm i
 low estimate of the log-probability (Jensen), with a spread that shrinks like
 ``1 / sqrt(samples)``. With one token the estimate is the plain Monte Carlo average.
 
+For an emission that gives a token's probability with the token-dependent part of the state
+integrated out (:class:`~vmt.models.parts.NextTokenEmission`: in the token family
+``p(y | m) = pi_y(m)`` exactly), each particle is weighted by that probability and, after
+resampling, its slot is redrawn from its conditional given the token, ``N(e_y, s^2 I)``: a
+Rao–Blackwellised filter with the same expectation and without the slot's sampling noise in
+the weights (a bootstrap weight there is about 1 for a particle whose sampled slot fell on the
+token and about 0 otherwise, so 16 particles would resolve probabilities only to 1/16).
+
 The filter also returns the particles after the last token (draws of the filtering
 distribution ``p(x_{n+m} | x_n, y_{n+1:n+m})``), so a reader can carry on from them, and for
 a categorical emission the token of highest predictive probability before each step (what
@@ -30,6 +38,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from vmt.models.parts import NextTokenEmission
 
 if TYPE_CHECKING:
     from vmt.models.vmt import VariationalMarkovTransformer
@@ -74,6 +84,8 @@ def next_token_probs(vmt: VariationalMarkovTransformer, state: torch.Tensor, dir
         raise ValueError(f"next_token_probs needs a categorical emission, got {vmt.config.emission!r}")
     state = _check_state(vmt, state)
     nxt = vmt.transition_for(direction).distribution(state).sample()
+    if isinstance(vmt.emission, NextTokenEmission):  # the slot integrated out
+        return vmt.emission.predictive_log_probs(nxt).exp().mean(0)
     return vmt.emission.logits(nxt).softmax(-1).mean(0)
 
 
@@ -127,6 +139,7 @@ def filter_continuation(
             )
         token_penalty = token_penalty.to(state.dtype)
     transition = vmt.transition_for(direction)
+    integrated = isinstance(vmt.emission, NextTokenEmission)
     n = state.shape[0]
     log_n = math.log(n)
     x = state
@@ -135,7 +148,10 @@ def filter_continuation(
         x = transition.distribution(x).sample()
         y = tokens[j]
         if categorical:
-            logp = torch.log_softmax(vmt.emission.logits(x), -1)  # (samples, vocab)
+            if integrated:  # log p(y | the token-independent part of x)
+                logp = vmt.emission.predictive_log_probs(x)  # (samples, vocab)
+            else:
+                logp = torch.log_softmax(vmt.emission.logits(x), -1)  # (samples, vocab)
             predictive = logp.logsumexp(0)
             if token_penalty is not None:
                 predictive = predictive - token_penalty
@@ -148,6 +164,8 @@ def filter_continuation(
         probs = (weights - weights.max()).exp()
         index = torch.multinomial(probs, n, replacement=True, generator=generator)
         x = x[index]
+        if integrated:
+            x = vmt.emission.observe(x, y.expand(n))
     return Filtered(
         log_probs=torch.stack(log_probs),
         particles=x,

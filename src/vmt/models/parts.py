@@ -63,7 +63,13 @@ class NextTokenEmission(Emission, Protocol):
     what distillation from a language model compares."""
 
     def predictive_log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., vocab)`` log-probabilities of the next token given ``x (..., state)``."""
+        """``(..., vocab)`` log-probabilities of the token of ``x (..., state)`` given only the
+        part of ``x`` that does not depend on it (the token family's memory)."""
+        ...
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Draws of the state given its token: ``x (..., state)`` with the token-dependent part
+        redrawn from its conditional given ``y (...)`` and the rest of ``x``."""
         ...
 
 

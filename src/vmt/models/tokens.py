@@ -309,6 +309,14 @@ class TokenEmission(LocalParamsModule):
         is read, ``(..., state) -> (..., vocab)`` (what distillation compares with an LM)."""
         return self._shared.module.scores(x)["head"]
 
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x = [m, u]`` with the slot redrawn from ``p(u | y, m) = N(e_y, s^2 I)``: states
+        ``(..., state)``, tokens ``(...)`` -> ``(..., state)``."""
+        mixture = self._shared.module
+        m, _ = mixture.split(x)
+        e = mixture.token_embedding(y).to(x.dtype).expand(*m.shape[:-1], -1)
+        return torch.cat([m, e + mixture.slot_scale * torch.randn_like(e)], dim=-1)
+
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``log p(y | x)``: states ``(..., state)``, tokens ``(...)`` -> ``(...)``."""
         scores = self._shared.module.scores(x)
