@@ -1,5 +1,6 @@
 """Training loops: learning happens, checkpoints resume the same curve, failures lose nothing."""
 
+import dataclasses
 import math
 
 import pytest
@@ -284,6 +285,71 @@ def test_window_lengths_count_the_windows_of_one_pass_without_reading(streams, w
     assert counted == read
     assert sum(n * w.batch.num_rows for n, w in zip(read, walked, strict=True)) == sum(lengths)
     assert max(counted) <= window
+
+
+@pytest.mark.parametrize("streams, window", [(1, 5), (3, 8), (4, 3), (8, 64)])
+def test_ragged_windows_read_every_document_once_in_full_windows(streams, window):
+    from vmt.inference.windows import DocumentStreams
+
+    lengths = [7, 1, 20, 13, 13, 2, 0, 31, 9]
+    docs = [torch.arange(n) + 100 * i for i, n in enumerate(lengths)]
+    walked = list(DocumentStreams(docs, streams, window, ragged=True))
+    rebuilt = {i: [] for i in range(len(docs))}
+    for w in walked:
+        b = w.batch
+        remaining = [lengths[d] - o for d, o in zip(w.documents, w.offsets, strict=True)]
+        assert b.num_steps == min(window, max(remaining))  # as long as the longest row allows
+        assert b.end.tolist() == [min(b.num_steps, r) for r in remaining]
+        assert b.carried.tolist() == [o > 0 for o in w.offsets]
+        for r, d in enumerate(w.documents):
+            rebuilt[d].append(b.obs[r, : int(b.end[r])])
+            assert (b.obs[r, int(b.end[r]):] == 0).all()  # padding
+    assert all(torch.equal(torch.cat(rebuilt[i] or [torch.arange(0)]), docs[i]) for i in range(len(docs)))
+    counted = DocumentStreams([torch.zeros(0)] * len(lengths), streams, window, lengths=lengths,
+                              ragged=True).window_lengths()
+    assert counted == [w.batch.num_steps for w in walked]
+    aligned = DocumentStreams(docs, streams, window).window_lengths()
+    assert len(counted) <= len(aligned)
+
+
+def test_ragged_windows_train_and_carry_only_continuing_rows(tmp_path, periodic_documents, small_vmt):
+    from vmt.inference.train import Trainer
+
+    docs = [d[:n] for d, n in zip(periodic_documents(n=6), (40, 9, 25, 17, 33, 12), strict=True)]
+    config = TrainConfig(regime="windows", window=8, batch_size=3, steps=12, ragged_windows=True,
+                         checkpoint_every=6)
+    trainer = Trainer(small_vmt(**SIZES), docs, config, checkpoint_dir=tmp_path / "ck")
+    seen = []
+    original = trainer.cursor.carry
+    trainer.cursor.carry = lambda window, x: (seen.append((window, x.shape)), original(window, x))[1]
+    result = trainer.fit(progress=False)
+    assert result.ok and result.steps == 12
+    assert any(int(w.batch.end.min()) < w.batch.num_steps for w, _ in seen)  # some rows padded
+    last, shape = seen[-1]
+    going_on = {d for d, o in zip(last.documents, last.offsets, strict=True)
+                if o + last.batch.num_steps < len(docs[d])}
+    assert set(trainer.cursor.carried) == going_on and shape[1] == last.batch.num_steps
+
+
+def test_a_checkpoint_written_before_a_training_field_existed_resumes(tmp_path, periodic_documents, small_vmt):
+    import json
+
+    from vmt.checkpoint import find_checkpoint
+    from vmt.inference.train import Trainer
+
+    docs = periodic_documents()
+    config = TrainConfig(steps=4, batch_size=4, max_length=8, budget=64, checkpoint_every=4)
+    Trainer(small_vmt(**SIZES), docs, config, checkpoint_dir=tmp_path / "ck").fit(progress=False)
+    meta_file = find_checkpoint(tmp_path / "ck") / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["train_config"]["ragged_windows"]  # as written before the field existed
+    meta_file.write_text(json.dumps(meta))
+    later = Trainer(small_vmt(**SIZES), docs, dataclasses.replace(config, steps=6), checkpoint_dir=tmp_path / "ck")
+    assert later.resume() and later.step == 4
+    meta["train_config"]["overlap"] = True  # a real difference is still refused
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="overlap"):
+        Trainer(small_vmt(**SIZES), docs, config, checkpoint_dir=tmp_path / "ck").resume()
 
 
 def test_evaluate_carries_float64_states_of_a_float64_model_exactly(monkeypatch, periodic_documents, small_vmt):

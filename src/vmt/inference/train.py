@@ -104,6 +104,9 @@ class TrainConfig:
     function of the step alone, so a resumed run continues the same schedule.
     ``weight_decay > 0`` trains with AdamW (the decay decoupled from the gradient and scaled by
     the step's learning rate) instead of Adam: a regulariser against overfitting small data.
+    ``ragged_windows`` (windows regime): windows as long as the longest remaining document, up
+    to ``window``, rows whose document ends inside padded, instead of every window shrinking to
+    the nearest document end (see :class:`~vmt.inference.windows.DocumentStreams`).
     """
 
     regime: Literal["subsequence", "windows"] = "subsequence"
@@ -119,6 +122,7 @@ class TrainConfig:
     budget: int = 4096
     window: int = 64
     overlap: bool = False
+    ragged_windows: bool = False
     aux_weight: float = 0.1
     max_skip: int = 8
     annealing_start: float = 1.0
@@ -363,6 +367,7 @@ class Trainer:
         return DocumentStreams(
             self.documents, c.batch_size, c.window, self.features, c.overlap,
             order=shard_order(self.lengths, rank, world_size), lengths=self.lengths,
+            ragged=c.ragged_windows,
         )
 
     # -- state ----------------------------------------------------------------------------
@@ -405,7 +410,7 @@ class Trainer:
         """Whether a checkpoint's stream positions mean the same windows for this run."""
         written = meta.get("train_config", {})
         same_layout = all(written.get(k) == getattr(self.config, k)
-                          for k in ("regime", "batch_size", "window", "overlap"))
+                          for k in ("regime", "batch_size", "window", "overlap", "ragged_windows"))
         indices = meta.get("window_indices", [meta.get("window_index", 0)])
         return (same_layout and int(meta.get("world_size", 1)) == self.world_size
                 and len(indices) == self.world_size)
@@ -432,10 +437,12 @@ class Trainer:
             return False
         # the data, vocabulary and settings first: they say why a model config differs
         stored = read_meta(self.checkpoint_dir)
-        stored_config = dict(stored.get("train_config", {}))
+        # a field added since the checkpoint was written ran with its default then
+        defaults = dataclasses.asdict(TrainConfig())
+        stored_config = {**defaults, **stored.get("train_config", {})}
         now_config = dataclasses.asdict(self.config)
         if accept_layout or int(stored.get("world_size", 1)) != self.world_size:
-            layout = ("batch_size", "window", "overlap")
+            layout = ("batch_size", "window", "overlap", "ragged_windows")
             stored_config = {k: v for k, v in stored_config.items() if k not in layout}
             now_config = {k: v for k, v in now_config.items() if k not in layout}
         changed = check_resume(self.checkpoint_dir, {**stored, "train_config": stored_config},

@@ -2,7 +2,12 @@
 
 ``B`` streams read documents, longest first. Each window covers the next ``L`` positions of
 every stream, with ``L = min(window, shortest remaining document)``: the window shrinks to
-the nearest document end, so every row is aligned and no document is cut mid-window. A row
+the nearest document end, so every row is aligned and no document is cut mid-window. With
+``ragged=True`` instead ``L = min(window, longest remaining document)`` and a row whose
+document ends inside the window is padded (its ``end`` stops there; its next document starts
+with the next window): documents of unequal length no longer shrink every window to the
+nearest end (with 32 streams over documents of a few hundred tokens the aligned windows are
+mostly one token long, which leaves truncated BPTT no horizon). A row
 that continues its document starts from the carried ``x_0`` (``q(x_1 | x_0, .)``); a row whose
 document just began starts from ``q(x_1 | .)``. With ``overlap`` the guide also reads the
 next ``L`` tokens (half-window look-ahead) while the ELBO covers only the first ``L``.
@@ -47,6 +52,8 @@ class DocumentStreams:
             not named are not read.
         lengths: the documents' lengths, if known without reading them (e.g. a memory-mapped
             corpus's ``length_array``); default: ``len`` of each document.
+        ragged: windows as long as the longest remaining document (up to ``window``), rows
+            whose document ends inside them padded, instead of aligned to the nearest end.
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class DocumentStreams:
         overlap: bool = False,
         order: Sequence[int] | None = None,
         lengths: Sequence[int] | None = None,
+        ragged: bool = False,
     ):
         if streams < 1 or window < 1:
             raise ValueError(f"streams and window must be >= 1, got {streams}, {window}")
@@ -77,6 +85,7 @@ class DocumentStreams:
         self.window = window
         self.features = features
         self.overlap = overlap
+        self.ragged = ragged
         if order is None:
             order = sorted(range(len(self.documents)), key=lambda i: -self.lengths[i])
         self.order = [i for i in order if self.lengths[i] > 0]
@@ -89,7 +98,8 @@ class DocumentStreams:
         while queue or active:
             while len(active) < self.streams and queue:
                 active.append([queue.pop(0), 0])
-            steps = min(self.window, min(self.lengths[d] - o for d, o in active))
+            remaining = [self.lengths[d] - o for d, o in active]
+            steps = min(self.window, max(remaining) if self.ragged else min(remaining))
             yield active, steps
             for entry in active:
                 entry[1] += steps
@@ -109,12 +119,16 @@ class DocumentStreams:
         docs = [d for d, _ in active]
         offs = [o for _, o in active]
         rows = len(active)
-        obs = torch.stack([self.documents[d][o : o + steps] for d, o in active])
+        ends = [min(steps, self.lengths[d] - o) for d, o in active]  # < steps: padded (ragged)
+        pieces = [self.documents[d][o : o + steps] for d, o in active]
+        obs = pieces[0].new_zeros((rows, steps) + tuple(pieces[0].shape[1:]))
+        for r, piece in enumerate(pieces):
+            obs[r, : len(piece)] = piece
         carried = torch.tensor([o > 0 for o in offs])
         batch = ChainBatch(
             obs=obs,
             start=torch.zeros(rows, dtype=torch.long),
-            end=torch.full((rows,), steps, dtype=torch.long),
+            end=torch.tensor(ends, dtype=torch.long),
             carried=carried,
         )
         if self.features is not None:
@@ -123,8 +137,11 @@ class DocumentStreams:
                 if f.shape[0] != self.lengths[d]:
                     raise ValueError(f"the feature lookup gave {f.shape[0]} positions for document {d} "
                                      f"of {self.lengths[d]} tokens")
-            feats = torch.stack([f[o : o + steps] for f, (_, o) in zip(feats, active, strict=True)])
-            return Window(batch.with_(features=feats), docs, offs)
+            cut = [f[o : o + steps] for f, (_, o) in zip(feats, active, strict=True)]
+            padded = cut[0].new_zeros((rows, steps) + tuple(cut[0].shape[1:]))
+            for r, f in enumerate(cut):
+                padded[r, : len(f)] = f
+            return Window(batch.with_(features=padded), docs, offs)
         read = 2 * steps if self.overlap else steps
         inputs, lengths = [], []
         for d, o in active:
