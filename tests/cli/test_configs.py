@@ -43,7 +43,7 @@ def test_unknown_name_lists_local_and_shipped_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "inference").mkdir()
     (tmp_path / "inference" / "mine.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"no inference configuration 'nope' \(known: \['demo', 'jsb-hour', 'mine', 'token-demo', 'token-hour', 'windows'\]\)"):
+    with pytest.raises(FileNotFoundError, match=r"no inference configuration 'nope' \(known: \['demo', 'jsb-hour', 'mine', 'task-hour', 'token-demo', 'token-hour', 'windows'\]\)"):
         resolve_config("nope", "inference")
 
 

@@ -36,3 +36,53 @@ def test_vmt_description_states_the_carried_state_beside_the_kv_caches():
     text = _vmt_description((16, 64), {256: 11.25, 1024: 45.0})
     assert "16 x 64 floats (4 KB" in text and "11.2 MB for a 256-token" in text
     assert _vmt_description(None, {256: 11.25}) == ""
+    fit = {"train_tokens": 302680, "steps": 900, "test_tokens": 20000, "neg_elbo": 1.5, "neg_iwae": 1.4,
+           "particles": 8, "unigram": 5.0, "bigram": 3.0, "lm": 1.2, "kl": 0.3, "explained_dims": 150,
+           "state_dim": 192}
+    text = _vmt_description((16, 192), {256: 11.25}, fit)
+    assert "302,680 training tokens, 900 steps" in text and "1.500 nats/token" in text
+    assert "unigram 5.000, bigram 3.000, SmolLM2 1.200" in text and "150 of 192 state" in text
+
+
+def test_finished_cells_are_kept_and_read_back(tmp_path, monkeypatch):
+    import vmt.benchmarks.memory_tasks as bench
+
+    played = []
+
+    def play(name, budget, sizes, quick):
+        played.append((name, budget))
+        return name, str(budget), {"rps": [1, 0]}
+
+    monkeypatch.setattr(bench, "_play_cell", play)
+    monkeypatch.setattr(bench, "CELLS", tmp_path / "cells")
+    first = bench._kept_cell("window", 256, FULL, quick=False)
+    again = bench._kept_cell("window", 256, FULL, quick=False)
+    assert first == again and played == [("window", 256)]  # the second is read back
+    bench._kept_cell("window", 1024, FULL, quick=False)  # another budget: another cell
+    bench._kept_cell("window", 256, QUICK, quick=True)  # quick runs keep nothing
+    bench._kept_cell("VMT", 256, FULL, quick=False)  # the VMT depends on its fitted model
+    bench._kept_cell("VMT", 256, FULL, quick=False)
+    assert played[1:] == [("window", 1024), ("window", 256), ("VMT", 256), ("VMT", 256)]
+    assert bench._cell_key("window", 256, FULL) != bench._cell_key("window", 256, QUICK)
+
+
+def test_the_reading_states_the_vmt_recall_against_chance():
+    from dataclasses import replace
+
+    import numpy as np
+
+    from vmt.benchmarks.memory_tasks import _reading
+
+    sizes = replace(FULL, budgets=(256,))
+
+    def row(grocery, dialogue):
+        return {"rps": np.array([1, 0, -1, 1]), "passkey": np.array([1.0, 0.0]),
+                "grocery": {m: np.array(grocery) for m in sizes.grocery_checkpoints},
+                "dialogue": {m: np.array(dialogue) for m in sizes.dialogue_checkpoints}}
+
+    results = [("full context", "all", row([1.0] * 24, [0.75] * 8)),
+               ("window", "256", row([0.0, 1.0] * 12, [0.25] * 8)),
+               ("VMT", "256", row([1.0] * 20 + [0.0] * 4, [0.0, 0.5] * 4))]
+    text = " ".join(_reading(results, sizes))
+    assert "VMT at budget 256 recalls the grocery item after N=25 in 0.83" in text
+    assert "the interval excludes chance (0.25)" in text and "the interval contains chance (0.25)." in text

@@ -101,3 +101,17 @@ def test_state_shape_is_what_a_session_carries():
     session.read_tokens([3, 4, 5])
     session.greedy_match([6])
     assert method.state_shape == tuple(session.state.shape) == (4, 3)
+
+
+def test_a_trained_reader_reads_the_emission_ids():
+    vocab = Vocabulary(KEPT, FULL)
+    config = VMTConfig(state_dim=3, obs_dim=vocab.size, feature_dim=5, guide_hidden=8,
+                       transition_hidden=8, prior_components=2, max_window=32)
+    reader = GRUReader("tokens", 5, vocab_size=vocab.size, embed_dim=4)  # reads emission ids
+    seen = []
+    reader.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    method = VMTMethod("VMT", VariationalMarkovTransformer(config, reader=reader), vocab, None, window=8)
+    session = method.new_session()
+    session.read_tokens([23, 5, 6, 29])  # 23 and 29 are merged into <unk> (emission id 0)
+    session.greedy_match([7])
+    assert [x.tolist() for x in seen] == [[[0, 4, 5, 0]]]  # one window, emission ids

@@ -8,8 +8,9 @@ protocol, so a further method is added by registering a factory in
 called once per task, ``task`` a key of :data:`SIRLLM_DECAY`). How much each run plays is
 set in one place: :data:`QUICK` and :data:`FULL`.
 
-The VMT entry is the shared text VMT of :mod:`vmt.benchmarks.text_vmt` (its guide reads
-frozen SmolLM2 features) reading with a window equal to the budget and its state carried
+The VMT entry is the task-trained VMT of :mod:`vmt.benchmarks.text_vmt` (fitted on the tasks'
+training streams, :mod:`vmt.memory.task_corpus`, generated with seeds no test session uses)
+reading with a window equal to the budget and its state carried
 (:class:`~vmt.memory.vmt_method.VMTMethod`). Every (method, budget) cell is independent; the
 full run plays them in two worker processes (one per core), each with one thread.
 """
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from vmt.benchmarks.report import BenchResult, markdown_table
-from vmt.benchmarks.text_vmt import TextVMTMethods
+from vmt.benchmarks.text_vmt import TextVMTMethods, fitted_task_vmt
 
 NAME = "memory-tasks"
 SUMMARY = "RPS, grocery recall, dialogue facts, passkey at 256/1024-token budgets (SmolLM2)"
@@ -43,6 +44,9 @@ N_SINKS = 4
 #: with the 0.7 of the paper's DailyDialog runs a fact's score shrinks to 0.7**10 = 0.03 of
 #: its value after ten turns, and SirLLM would degrade to a window for this task.
 SIRLLM_DECAY = {"rps": 0.9, "grocery": 1.0, "passkey": 1.0, "dialogue": 1.0}
+#: The first seed of each task's test sessions (player, session or trial ``i`` uses
+#: ``seed + i``); training streams (:mod:`vmt.memory.task_corpus`) start far above these.
+TEST_SEEDS = {"rps": 100, "grocery": 200, "passkey": 300, "dialogue": 400}
 
 MethodFactory = Callable[[object, object, int, str], object]
 
@@ -74,7 +78,7 @@ METHOD_FACTORIES: dict[str, MethodFactory] = {
     "window": _window,
     "StreamingLLM": _streaming,
     "SirLLM": _sirllm,
-    "VMT": TextVMTMethods(samples=16),
+    "VMT": TextVMTMethods(samples=16, fit=fitted_task_vmt),
 }
 
 
@@ -116,8 +120,8 @@ QUICK = BenchSizes(
 #: The full run (the only place to change its sizes).
 FULL = BenchSizes(
     budgets=(256, 1024), rps_rounds=2000, rps_players=("rock",),
-    grocery_sessions=4, grocery_checkpoints=(2, 10, 25),
-    dialogue_sessions=4, dialogue_checkpoints=(2, 10, 40), dialogue_candidates=4,
+    grocery_sessions=24, grocery_checkpoints=(2, 10, 25),
+    dialogue_sessions=8, dialogue_checkpoints=(2, 10, 40), dialogue_candidates=4,
     passkey_lengths=(1024, 2048), passkey_depths=(0.1, 0.5, 0.9), passkey_seeds=(0,),
 )  # fmt: skip
 
@@ -153,7 +157,7 @@ def _run_method(
     clock = time.perf_counter()
     rps = []
     for p, fav in enumerate(sizes.rps_players):
-        moves = rps_player_moves(sizes.rps_rounds, fav, seed=100 + p)
+        moves = rps_player_moves(sizes.rps_rounds, fav, seed=TEST_SEEDS["rps"] + p)
         if window is not None:
             moves = moves[: _rps_rounds_within(tokenize, moves, window)]
         rps += play_rps(methods["rps"], tokenize, moves)
@@ -165,7 +169,7 @@ def _run_method(
     marks = sizes.grocery_checkpoints
     groc = {m: [] for m in marks}
     for s in range(sizes.grocery_sessions):
-        spec = grocery_session(max(marks), 200 + s)
+        spec = grocery_session(max(marks), TEST_SEEDS["grocery"] + s)
         res = grocery_recall(methods["grocery"], tokenize, spec, marks)
         for m in marks:
             groc[m].append(float(res[m]))
@@ -176,7 +180,7 @@ def _run_method(
     marks = sizes.dialogue_checkpoints
     dia = {m: [] for m in marks}
     for s in range(sizes.dialogue_sessions):
-        spec = dialogue_session(max(marks), 400 + s, sizes.dialogue_candidates)
+        spec = dialogue_session(max(marks), TEST_SEEDS["dialogue"] + s, sizes.dialogue_candidates)
         res = dialogue_selection(methods["dialogue"], tokenize, spec, marks)
         for m in marks:
             dia[m].append(float(np.mean(res[m])))  # per session: fraction of probes right
@@ -188,7 +192,7 @@ def _run_method(
     for length in sizes.passkey_lengths:
         for depth in sizes.passkey_depths:
             for seed in sizes.passkey_seeds:
-                trial = passkey_trial(tokenize, length, depth, seed=300 + seed)
+                trial = passkey_trial(tokenize, length, depth, seed=TEST_SEEDS["passkey"] + seed)
                 ok, _ = passkey_result(methods["passkey"], trial)
                 pk.append(float(ok))
     out["passkey"] = np.array(pk)
@@ -266,6 +270,8 @@ def _play_cell(name: str, budget: int | None, sizes: BenchSizes, quick: bool) ->
             out = _run_method(methods, tok, sizes, f"{name} at budget {budget}")
             # what a method carries besides its window, if it says (the VMT's state)
             out["state_shape"] = getattr(methods["rps"], "state_shape", None)
+            if isinstance(factory, TextVMTMethods):
+                out["vmt_fit"] = factory.summary()
     finally:
         torch.set_num_threads(threads)
     out["positions"] = positions
@@ -275,17 +281,33 @@ def _play_cell(name: str, budget: int | None, sizes: BenchSizes, quick: bool) ->
     return name, "all" if budget is None else str(budget), out
 
 
-def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float]) -> str:
-    """The VMT row's paragraph, with the size of its carried state next to the KV caches'."""
+def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float], fit: dict | None = None) -> str:
+    """The VMT row's paragraph: its training, its held-out bound beside the split's baselines
+    (``fit``: :meth:`~vmt.benchmarks.text_vmt.TextVMTMethods.summary`), and the size of its
+    carried state next to the KV caches'."""
     if state_shape is None:
         return ""
     rows, dim = state_shape
     kv = ", ".join(f"{v:.1f} MB for a {b}-token float32 KV cache" for b, v in kv_mb.items())
-    return (
-        "VMT: the shared text VMT (the token-family `text-token` preset fitted with the "
-        "`token-hour` schedule on the embedded pydoc corpus; it has never seen these tasks' "
-        "formats) reads each stream with a window equal to the budget (its guide reads frozen "
-        "SmolLM2 layer-12 features of at most that many tokens for a fresh start) and carries "
+    text = (
+        "VMT: the token-family `task-token` preset (its reverse GRU reader trained with it) fitted "
+        "with the `task-hour` schedule on the tasks' training streams (`vmt.memory.task_corpus`: "
+        "the same generators with seeds no test session uses, answers written in, the grocery "
+        "recall and the dialogue probes also asked between turns), truncated BPTT over whole "
+        "streams with windows of 256 tokens and the state carried"
+    )
+    if fit is not None:
+        lm = f", SmolLM2 {fit['lm']:.3f}" if fit.get("lm") is not None else ""
+        text += (
+            f" ({fit['train_tokens']:,} training tokens, {fit['steps']} steps). On held-out "
+            f"training-format streams ({fit['test_tokens']:,} tokens) it bounds the NLL at "
+            f"{fit['neg_elbo']:.3f} nats/token (−ELBO; IWAE-{fit['particles']} {fit['neg_iwae']:.3f}) "
+            f"against unigram {fit['unigram']:.3f}, bigram {fit['bigram']:.3f}{lm}; KL "
+            f"{fit['kl']:.3f} nats/token, {fit['explained_dims']} of {fit['state_dim']} state "
+            "dimensions with more than 0.1 of their spread explained by the text"
+        )
+    return text + (
+        ". It reads each stream with a window equal to the budget and carries "
         f"a state of {rows} x {dim} floats "
         f"({rows * dim * 4 / 1024:.0f} KB, against {kv}); it answers with the model's own "
         "predictive probability of each option given the state (a particle filter over the "
@@ -293,16 +315,60 @@ def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float
     )
 
 
+#: Where the full run keeps every finished cell of a language-model method (see :func:`_kept_cell`).
+CELLS = Path("runs/bench/memory-tasks/cells")
+
+
+def _cell_key(name: str, budget: int | None, sizes: BenchSizes) -> str:
+    """What a cell's result depends on: the method, budget and sizes, the source of
+    :mod:`vmt.memory` and of this module, and the torch and transformers versions."""
+    import hashlib
+    import json
+
+    import transformers
+
+    import vmt.memory
+
+    files = sorted(Path(vmt.memory.__file__).parent.glob("*.py")) + [Path(__file__)]
+    sources = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    blob = json.dumps({"name": name, "budget": budget, "sizes": asdict(sizes), "sources": sources,
+                       "torch": torch.__version__, "transformers": transformers.__version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _kept_cell(name: str, budget: int | None, sizes: BenchSizes, quick: bool) -> tuple[str, str, dict]:
+    """:func:`_play_cell`, kept: a full run writes each finished cell of a language-model
+    method under :data:`CELLS` (keyed by :func:`_cell_key`) and reads it back instead of
+    playing it again, so an interrupted run loses no finished cell. VMT cells are always
+    played (they depend on the fitted model)."""
+    import pickle
+
+    if quick or isinstance(METHOD_FACTORIES.get(name), TextVMTMethods):
+        return _play_cell(name, budget, sizes, quick)
+    path = CELLS / f"{name.replace(' ', '_')}-{budget or 'all'}-{_cell_key(name, budget, sizes)}.pkl"
+    if path.is_file():
+        logger.info("%s at budget %s: read back from %s", name, budget, path)
+        with path.open("rb") as f:
+            return pickle.load(f)
+    result = _play_cell(name, budget, sizes, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    with partial.open("wb") as f:
+        pickle.dump(result, f)
+    partial.replace(path)
+    return result
+
+
 def _play(sizes: BenchSizes, quick: bool) -> list[tuple[str, str, dict]]:
     """Every (method, budget) cell played, full context first (two workers in the full run)."""
     jobs = [("full context", None)] + [(name, b) for b in sizes.budgets for name in METHOD_FACTORIES]
     workers = 1 if quick else max(1, min(2, os.cpu_count() or 1))
     if workers == 1:
-        results = [_play_cell(name, budget, sizes, quick) for name, budget in jobs]
+        results = [_kept_cell(name, budget, sizes, quick) for name, budget in jobs]
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_play_cell, name, budget, sizes, quick) for name, budget in jobs]
+            futures = [pool.submit(_kept_cell, name, budget, sizes, quick) for name, budget in jobs]
             results = [f.result() for f in futures]
     return results
 
@@ -394,6 +460,21 @@ def _reading(results: list, sizes: BenchSizes) -> list[str]:
                 f"At budget {budget} the best {label} among bounded methods is {top:.2f} "
                 f"({', '.join(names)})."
             )
+    for name, budget, r in results:
+        if name != "VMT":
+            continue
+        last = g_marks[-1]
+        mean, lo, hi = _ci(r["grocery"][last])
+        d_mean, d_lo, d_hi = _ci(r["dialogue"][d_marks[-1]])
+        verdict = "excludes" if not lo <= 0.25 <= hi else "contains"
+        d_verdict = "excludes" if not d_lo <= chance_d <= d_hi else "contains"
+        reading.append(
+            f"The task-trained VMT at budget {budget} recalls the grocery item after N={last} in "
+            f"{mean:.2f} [{lo:.2f}, {hi:.2f}] of sessions (N={g_marks[0]}: "
+            f"{np.mean(r['grocery'][g_marks[0]]):.2f}); the interval {verdict} chance (0.25). "
+            f"Its dialogue accuracy after N={d_marks[-1]} turns is {d_mean:.2f} "
+            f"[{d_lo:.2f}, {d_hi:.2f}]; the interval {d_verdict} chance ({chance_d:.2f})."
+        )
     reading.append(
         "With a handful of sessions and trials per cell the intervals are wide; differences "
         "inside overlapping intervals are not evidence."
@@ -406,7 +487,7 @@ def _markdown(results: list, sizes: BenchSizes, header: list[str], rows: list[li
     """The page's section: the setting and sizes, the table, the reading, the figures."""
     window = results[0][2]["positions"]
     kv_mb = {b: b * results[0][2]["kv_bytes_per_token"] / 2**20 for b in sizes.budgets}
-    vmt_state = next((r[2]["state_shape"] for r in results if r[0] == "VMT"), None)
+    vmt = next((r[2] for r in results if r[0] == "VMT"), {})
     n_full_rps = results[0][2]["rps_rounds"]
     n_pk = len(sizes.passkey_lengths) * len(sizes.passkey_depths) * len(sizes.passkey_seeds)
     n_players = len(sizes.rps_players)
@@ -436,7 +517,7 @@ def _markdown(results: list, sizes: BenchSizes, header: list[str], rows: list[li
             f"SirLLM decay: {SIRLLM_DECAY['rps']} for RPS, {SIRLLM_DECAY['grocery']} for "
             f"grocery (the published values) and {SIRLLM_DECAY['dialogue']} for the dialogue "
             "task (facts stated once and asked for much later, as in grocery). "
-            + _vmt_description(vmt_state, kv_mb),
+            + _vmt_description(vmt.get("state_shape"), kv_mb, vmt.get("vmt_fit")),
             markdown_table(header, rows),
             " ".join(reading),
             f"![grocery recall](figures/{figs[0].name})",

@@ -7,6 +7,7 @@
 * :mod:`vmt.memory.decoding` — the streaming loop (:class:`KVStream`), option scoring,
   streaming perplexity.
 * :mod:`vmt.memory.tasks` — seeded long-memory tasks generated locally.
+* :mod:`vmt.memory.task_corpus` — training streams in the tasks' formats (other seeds).
 """
 
 from vmt.memory.cache import CacheState, EvictionPolicy, FullContext, cache_length, compact_cache

@@ -234,6 +234,10 @@ PASSKEY_INTRO = (
     "There is an important pass key hidden inside a lot of irrelevant text. Find it and "
     "remember it; I will ask for it at the end.\n\n"
 )
+#: The sentence that states the key (``{key}``), placed inside the filler.
+PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+#: The question after the filler; the answer is ``" " + key``.
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 def passkey_trial(tokenize, n_tokens: int, depth: float, seed: int) -> PasskeyTrial:
@@ -250,8 +254,8 @@ def passkey_trial(tokenize, n_tokens: int, depth: float, seed: int) -> PasskeyTr
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     intro = tokenize(PASSKEY_INTRO)
-    needle = tokenize(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n")
-    question = tokenize("\n\nWhat is the pass key? The pass key is")
+    needle = tokenize(PASSKEY_NEEDLE.format(key=key))
+    question = tokenize(PASSKEY_QUESTION)
     answer = tokenize(f" {key}")
     n_filler = n_tokens - len(intro) - len(needle) - len(question)
     if n_filler < 1:

@@ -35,12 +35,13 @@ class VMTMethod:
         vmt: the fitted model (categorical emission over ``vocabulary``).
         vocabulary: the model's :class:`~vmt.data.vocab.Vocabulary` (LM ids -> emission ids).
         feature_fn: the guide's features of a window of LM ids (e.g. a reversed
-            :class:`~vmt.encoders.features.LMFeatureExtractor`).
+            :class:`~vmt.encoders.features.LMFeatureExtractor`); ``None``: the VMT's own
+            trained reader reads the emission ids.
         window: tokens the reader encodes at once (the memory budget).
         samples: rows of the carried state (particles of the predictive).
     """
 
-    def __init__(self, name: str, vmt, vocabulary, feature_fn: FeatureFn, window: int,
+    def __init__(self, name: str, vmt, vocabulary, feature_fn: FeatureFn | None, window: int,
                  samples: int = 16) -> None:
         if not vmt.config.emits_tokens:
             raise ValueError(f"a memory method needs a categorical emission, got {vmt.config.emission!r}")
@@ -61,17 +62,18 @@ class VMTMethod:
 
     @classmethod
     def from_run(cls, result, window: int, samples: int = 16, name: str = "VMT") -> VMTMethod:
-        """The model of a text run (:func:`vmt.experiment.run_text`) whose guide reads a frozen
-        LM; the reader is that LM, reading each window in reverse at the preset's layer."""
-        from vmt.encoders.features import LMFeatureExtractor
-
+        """The model of a text run (:func:`vmt.experiment.run_text`): a guide that reads a
+        frozen LM reads each window in reverse with that LM at the preset's layer; a trained
+        reader reads the emission ids itself."""
         run = result.text_run
         enc = run.preset.encoder
-        if enc.kind != "lm":
-            raise ValueError(f"the run's guide must read a frozen LM, got encoder kind {enc.kind!r}")
-        extractor = LMFeatureExtractor(run.lm, layer=enc.layer, direction="reverse", model_name=enc.name)
+        feature_fn = None
+        if enc.kind == "lm":  # the LM reads its own ids, tokens merged into <unk> included
+            from vmt.encoders.features import LMFeatureExtractor
+
+            feature_fn = LMFeatureExtractor(run.lm, layer=enc.layer, direction="reverse", model_name=enc.name)
         result.model.eval()
-        return cls(name, result.model, result.vocabulary, extractor, window, samples)
+        return cls(name, result.model, result.vocabulary, feature_fn, window, samples)
 
     @property
     def state_shape(self) -> tuple[int, int]:
@@ -96,7 +98,8 @@ class VMTSession:
         if self.pending:
             ids = torch.tensor(self.pending, dtype=torch.long)
             res = read(m.vmt, m.vocabulary.encode(ids), m.read_config, m.feature_fn,
-                       samples=m.samples, x0=self.state, feature_tokens=ids)
+                       samples=m.samples, x0=self.state,
+                       feature_tokens=ids if m.feature_fn is not None else None)
             self.state, self.pending = res.state, []
         if self.state is None:
             raise ValueError("read a context before asking for an answer")
