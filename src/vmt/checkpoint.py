@@ -368,7 +368,8 @@ def read_meta_for(path: str | Path, config: VMTConfig) -> dict:
 # that may change only when the caller accepts a changed schedule, and (everything else) fields
 # that must match, since they change the data, the vocabulary or what a step means.
 FREE_CHANGES = frozenset({
-    "train_config.steps", "train_config.checkpoint_every", "train_config.log_every",
+    "train_config.steps", "train_config.max_cpu_seconds", "train_config.checkpoint_every",
+    "train_config.log_every",
     "schedule.eval_particles", "schedule.max_test_tokens", "schedule.reverse_steps",
     "preset.description",
 })

@@ -252,6 +252,58 @@ def test_interrupt_saves_a_checkpoint(tmp_path, monkeypatch, periodic_documents,
     assert load_checkpoint(tmp_path / "ck").meta["step"] == 6
 
 
+
+def test_cpu_budget_stops_the_run_keeps_the_checkpoint_and_carries_over_a_resume(
+        tmp_path, monkeypatch, periodic_documents, small_vmt):
+    """A made-up CPU clock on which every SVI step costs exactly one second (checkpoints and
+    logging cost nothing): a budget of 3.5 s stops after step 4; resumed with 6 s the run takes
+    the two steps left, and resumed again it takes none."""
+    from vmt.inference import train
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(train, "_cpu_now", lambda: clock["t"])
+    original = Trainer.train_step
+
+    def one_second(self, annealing):
+        clock["t"] += 1.0
+        return original(self, annealing)
+
+    monkeypatch.setattr(Trainer, "train_step", one_second)
+    docs = periodic_documents()
+    config = TrainConfig(steps=50, batch_size=4, max_length=8, budget=64, checkpoint_every=100, log_every=3,
+                         max_cpu_seconds=3.5)
+    trainer = Trainer(small_vmt(**SIZES), docs, config, checkpoint_dir=tmp_path / "ck")
+    result = trainer.fit(progress=False)
+    assert result.ok and result.stopped == "cpu budget" and result.steps == 4
+    assert result.cpu_seconds == 4.0 and result.checkpoint is not None
+    assert [h["step"] for h in result.history] == [3, 4]  # the last step is logged
+    kept = load_checkpoint(tmp_path / "ck").meta
+    assert kept["step"] == 4 and kept["cpu_seconds"] == 4.0
+
+    more = TrainConfig(**{**config.__dict__, "max_cpu_seconds": 6.0})  # a free change, like steps
+    resumed = Trainer(small_vmt(**SIZES), docs, more, checkpoint_dir=tmp_path / "ck")
+    assert resumed.resume() and resumed.cpu_seconds == 4.0
+    result = resumed.fit(progress=False)
+    assert result.stopped == "cpu budget" and result.steps == 6 and result.cpu_seconds == 6.0
+    again = Trainer(small_vmt(**SIZES), docs, more, checkpoint_dir=tmp_path / "ck")
+    assert again.resume()
+    result = again.fit(progress=False)
+    assert result.stopped == "cpu budget" and result.steps == 6 and clock["t"] == 6.0  # no step taken
+
+    unlimited = Trainer(small_vmt(**SIZES), docs, TrainConfig(**{**config.__dict__, "steps": 5, "max_cpu_seconds": 0.0}))
+    result = unlimited.fit(progress=False)  # no budget: the steps end the run
+    assert result.stopped == "completed" and result.steps == 5 and result.cpu_seconds == 5.0
+    with pytest.raises(ValueError, match="max_cpu_seconds must be >= 0"):
+        TrainConfig(max_cpu_seconds=-1.0)
+
+
+def test_a_cpu_budget_in_a_schedule_reaches_the_trainer():
+    from vmt.experiment import Schedule
+
+    schedule = Schedule.from_dict({"train": {"steps": 10_000, "max_cpu_seconds": 300}})
+    assert schedule.train.max_cpu_seconds == 300 and schedule.train.steps == 10_000
+
+
 # -- devices and dtypes: tensors follow the model (float64 here), never a hard-coded default ---
 def test_attach_carried_keeps_the_dtype_and_device_of_the_carried_states(periodic_documents):
     from vmt.inference.windows import DocumentStreams, attach_carried

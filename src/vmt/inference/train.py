@@ -107,6 +107,11 @@ class TrainConfig:
     ``ragged_windows`` (windows regime): windows as long as the longest remaining document, up
     to ``window``, rows whose document ends inside padded, instead of every window shrinking to
     the nearest document end (see :class:`~vmt.inference.windows.DocumentStreams`).
+    ``max_cpu_seconds > 0`` is a training CPU budget: the run stops (``stopped="cpu budget"``,
+    a checkpoint written) after the first step at which the process CPU time spent in SVI steps
+    (``time.process_time`` around each step, summed over the run and its resumes; the mean over
+    the ranks of a distributed run) reaches it, or at ``steps``, whichever comes first; 0 (the
+    default) means no budget. Like ``steps`` it may change on resume.
     """
 
     regime: Literal["subsequence", "windows"] = "subsequence"
@@ -131,6 +136,7 @@ class TrainConfig:
     lr_final_fraction: float = 0.1
     distill_weight: float = 0.0
     weight_decay: float = 0.0
+    max_cpu_seconds: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -165,6 +171,8 @@ class TrainConfig:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.max_cpu_seconds >= 0:
+            raise ValueError(f"max_cpu_seconds must be >= 0 (0: no CPU budget), got {self.max_cpu_seconds}")
         if self.distill_weight > 0 and self.regime != "windows":
             raise ValueError("distillation (distill_weight > 0) needs regime 'windows'")
         if self.lr_decay_steps < 0:
@@ -214,8 +222,11 @@ class TrainResult:
             ``reconstruction_per_token`` (``-sum log p(y_k|x_k) / tokens``) and
             ``kl_per_token`` (``sum [log q(x_k|.) - log p(x_k|x_{k-1})] / tokens``, not
             annealed).
-        stopped: ``"completed"``, ``"interrupted"`` or a diagnostic of what went wrong.
+        stopped: ``"completed"`` (``steps`` done), ``"cpu budget"`` (``max_cpu_seconds``
+            spent first), ``"interrupted"`` or a diagnostic of what went wrong.
         checkpoint: the last good checkpoint, if any was written.
+        cpu_seconds: process CPU time spent in SVI steps, summed over the run and the runs it
+            resumed (what ``max_cpu_seconds`` limits).
     """
 
     steps: int
@@ -223,10 +234,11 @@ class TrainResult:
     stopped: str = "completed"
     checkpoint: Path | None = None
     signal: str | None = None  # "SIGINT" or "SIGTERM" when interrupted
+    cpu_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.stopped in ("completed", "interrupted")
+        return self.stopped in ("completed", "cpu budget", "interrupted")
 
 
 class Trainer:
@@ -328,6 +340,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, config)
         self.step = 0
         self.history: list[dict] = []
+        self.cpu_seconds = 0.0  # process CPU time in SVI steps, this run and the ones it resumed
 
     @property
     def config(self) -> TrainConfig:
@@ -400,6 +413,7 @@ class Trainer:
                 "window_indices": indices,
                 "history": self.history,
                 "world_size": self.world_size,
+                "cpu_seconds": self.cpu_seconds,
             }
             path = save_checkpoint(self.checkpoint_dir, self.vmt, optimizer=self.optimizer, meta=meta,
                                    tensors=tensors)
@@ -472,6 +486,7 @@ class Trainer:
                 group["lr"] = self.config.learning_rate  # the run's (accepted) value, not the stored one
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
+        self.cpu_seconds = float(meta.get("cpu_seconds", 0.0))  # absent in older checkpoints
         if self.cursor is not None:
             self.cursor.restart()
             if self._same_streams(meta):
@@ -579,9 +594,30 @@ class Trainer:
                 "loss": loss / self.world_size, "reconstruction_per_token": recon / per,
                 "kl_per_token": kl / per}
 
+    def timed_step(self, annealing: float) -> dict:
+        """:meth:`train_step`, adding its process CPU time to :attr:`cpu_seconds` (with a CPU
+        budget, the mean over the ranks, so that every rank stops at the same step)."""
+        start = _cpu_now()
+        out = self.train_step(annealing)
+        spent = _cpu_now() - start
+        if self.config.max_cpu_seconds > 0 and self.world_size > 1:
+            spent = float(self._all_reduce(torch.tensor([spent], dtype=torch.float64))[0]) / self.world_size
+        self.cpu_seconds += spent
+        return out
+
+    def budget_spent(self) -> bool:
+        """Whether the CPU budget (``config.max_cpu_seconds``, if any) is used up."""
+        budget = self.config.max_cpu_seconds
+        return budget > 0 and self.cpu_seconds >= budget
+
     def fit(self, progress: bool = True) -> TrainResult:
-        """Train to ``config.steps`` (:func:`run_steps`); rank 0 shows progress."""
+        """Train to ``config.steps`` or the CPU budget (:func:`run_steps`); rank 0 shows progress."""
         return run_steps(self, progress and self.rank == 0)
+
+
+def _cpu_now() -> float:
+    """This process's CPU time (the clock of ``max_cpu_seconds``)."""
+    return time.process_time()
 
 
 class _HardInterrupt(KeyboardInterrupt):
@@ -625,7 +661,8 @@ class _Signals:
 
 
 def run_steps(trainer, progress: bool = True) -> TrainResult:
-    """The loop of the trainer (every rank runs it): ``trainer.train_step`` to ``config.steps``.
+    """The loop of the trainer (every rank runs it): ``trainer.train_step`` to ``config.steps``,
+    or until ``config.max_cpu_seconds`` of SVI steps are spent (``stopped="cpu budget"``).
 
     Logs every ``log_every`` steps into ``trainer.history``, checkpoints every
     ``checkpoint_every`` steps and at the end (``trainer.save()``, called on every rank), saves
@@ -664,11 +701,11 @@ def _run_steps(trainer, progress: bool) -> TrainResult:
     trainer.vmt.train()
     signals = _Signals().install()
     try:
-        while trainer.step < c.steps:
+        while trainer.step < c.steps and not trainer.budget_spent():
             annealing = c.annealing(trainer.step)
-            out = trainer.train_step(annealing)
+            out = trainer.timed_step(annealing)
             tokens_seen += out["tokens"]
-            if trainer.step % c.log_every == 0 or trainer.step == c.steps:
+            if trainer.step % c.log_every == 0 or trainer.step == c.steps or trainer.budget_spent():
                 record = {
                     "step": trainer.step, "loss": out["loss"],
                     "elbo_per_token": out["elbo_per_token"],
@@ -700,24 +737,31 @@ def _run_steps(trainer, progress: bool) -> TrainResult:
         received = signals.received or "SIGINT"
         logger.warning("interrupted (%s) at step %d; %s", received, trainer.step,
                        f"checkpoint saved to {saved}" if saved else "no checkpoint folder, nothing saved")
-        return TrainResult(trainer.step, trainer.history, "interrupted", saved, received)
+        return TrainResult(trainer.step, trainer.history, "interrupted", saved, received, trainer.cpu_seconds)
     except NonFiniteLoss as err:
         bar.close()
         kept = _kept(ck, last_good, last_step)
         logger.error("%s; %s", err, kept)
-        return TrainResult(trainer.step, trainer.history, f"{err}; {kept}", last_good)
+        return TrainResult(trainer.step, trainer.history, f"{err}; {kept}", last_good,
+                           cpu_seconds=trainer.cpu_seconds)
     else:
         bar.close()
         signals.hold()
         saved = trainer.save() if ck is not None else None
         if signals.received:  # a signal during the final save: the run is complete but stops
-            return TrainResult(trainer.step, trainer.history, "interrupted", saved, signals.received)
+            return TrainResult(trainer.step, trainer.history, "interrupted", saved, signals.received,
+                               trainer.cpu_seconds)
         last = trainer.history[-1] if trainer.history else {}
         if "kl_per_token" in last:
             logger.info("step %d: training -ELBO %.4f = reconstruction %.4f + KL %.4f nats/token",
                         last["step"], -last["elbo_per_token"], last["reconstruction_per_token"],
                         last["kl_per_token"])
-        return TrainResult(trainer.step, trainer.history, "completed", saved)
+        stopped = "completed"
+        if trainer.step < c.steps:
+            stopped = "cpu budget"
+            logger.info("step %d: the CPU budget of %g s is spent (%.1f CPU s in SVI steps)", trainer.step,
+                        c.max_cpu_seconds, trainer.cpu_seconds)
+        return TrainResult(trainer.step, trainer.history, stopped, saved, cpu_seconds=trainer.cpu_seconds)
     finally:
         signals.restore()
         trainer.vmt.eval()  # a trained model samples and scores without dropout
