@@ -24,6 +24,7 @@ benchmark draws its test sessions from (below 1,000), so no test session is a tr
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ def task_training_texts(config: TaskCorpusConfig | None = None) -> list[str]:
     """Every training stream of ``config`` (grocery, dialogue, RPS, passkey), one per document."""
     c = config or TaskCorpusConfig()
     rng = random.Random(c.seed)
-    seed = iter(range(c.seed + 1, c.seed + 1 + 10**9))
+    seed = itertools.count(c.seed + 1)  # every stream its own seed
     texts = [grocery_stream(rng.randint(0, c.grocery_max_distractors), next(seed),
                             rng.uniform(*c.grocery_recall_rates)) for _ in range(c.grocery_sessions)]
     texts += [dialogue_stream(rng.randint(0, c.dialogue_max_turns), next(seed), rng.uniform(*c.dialogue_probe_rates),
