@@ -66,6 +66,22 @@ def test_finished_cells_are_kept_and_read_back(tmp_path, monkeypatch):
     assert bench._cell_key("window", 256, FULL) != bench._cell_key("window", 256, QUICK)
 
 
+def test_a_cell_key_follows_what_the_cell_runs(monkeypatch):
+    import vmt.benchmarks.memory_tasks as bench
+
+    key = bench._cell_key("SirLLM", 256, FULL)
+    monkeypatch.setattr(bench, "SIRLLM_DECAY", {**bench.SIRLLM_DECAY, "rps": 0.8})
+    assert bench._cell_key("SirLLM", 256, FULL) != key  # a constant the cell reads
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "_window", lambda model, tok, budget, task: None)
+    assert bench._cell_key("SirLLM", 256, FULL) != key  # a function that plays cells
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "VMT_ONLY_MODULES", ())
+    assert bench._cell_key("SirLLM", 256, FULL) != key  # the VMT's modules are left out
+    monkeypatch.undo()
+    assert bench._cell_key("SirLLM", 256, FULL) == key
+
+
 def test_the_reading_states_the_vmt_recall_against_chance():
     from dataclasses import replace
 

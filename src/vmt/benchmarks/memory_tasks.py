@@ -319,19 +319,30 @@ def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float
 CELLS = Path("runs/bench/memory-tasks/cells")
 
 
+#: Modules of :mod:`vmt.memory` that only the VMT row uses: a language-model cell does not
+#: depend on them, so editing them does not play the kept cells again.
+VMT_ONLY_MODULES = ("task_corpus.py", "vmt_method.py")
+
+
 def _cell_key(name: str, budget: int | None, sizes: BenchSizes) -> str:
-    """What a cell's result depends on: the method, budget and sizes, the source of
-    :mod:`vmt.memory` and of this module, and the torch and transformers versions."""
+    """What a language-model cell's result depends on: the method, budget and sizes, the
+    source of :mod:`vmt.memory` (bar :data:`VMT_ONLY_MODULES`), the source of the functions of
+    this module that play a cell and the constants they read, and the torch and transformers
+    versions."""
     import hashlib
+    import inspect
     import json
 
     import transformers
 
     import vmt.memory
 
-    files = sorted(Path(vmt.memory.__file__).parent.glob("*.py")) + [Path(__file__)]
+    files = sorted(f for f in Path(vmt.memory.__file__).parent.glob("*.py") if f.name not in VMT_ONLY_MODULES)
     sources = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    for fn in (_play_cell, _run_method, _rps_rounds_within, _window, _streaming, _sirllm):
+        sources[fn.__name__] = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
     blob = json.dumps({"name": name, "budget": budget, "sizes": asdict(sizes), "sources": sources,
+                       "constants": [N_SINKS, SIRLLM_DECAY, TEST_SEEDS],
                        "torch": torch.__version__, "transformers": transformers.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
