@@ -134,15 +134,23 @@ reader = LMFeatureExtractor(lm, layer=enc["layer"], direction="reverse", model_n
 ids = torch.load(sys.argv[3])[:n].clone()
 tokens = vocab.encode(ids)
 config = ReadConfig(window=256, score=False)
+chunk = int(sys.argv[5])
 with torch.no_grad():
     # warm-up: the LM's allocations settle only after a few dozen windows (about 90 MB)
     warm = vocab.encode(ids.flip(0)[:6000])
     read(vmt, warm, config, reader, feature_tokens=ids.flip(0)[:6000])
     before = status("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    res = read(vmt, tokens, config, reader, feature_tokens=ids)
-print(json.dumps({"before_kb": before, "peak_kb": status("VmHWM"), "position": res.position}))
+    state, rss = None, []
+    for c in range(0, n, chunk):  # the state carried from chunk to chunk; RSS after each
+        res = read(vmt, tokens[c : c + chunk], config, reader, feature_tokens=ids[c : c + chunk], x0=state)
+        state = res.state
+        rss.append(status("VmRSS"))
+print(json.dumps({"before_kb": before, "peak_kb": status("VmHWM"), "chunk_rss_kb": rss}))
 """
+
+#: Tokens per chunk of the SmolLM2 reader's read: its RSS is recorded after each.
+LM_CHUNK = 10_000
 
 
 def peak_rss(checkpoint: Path, tokens_file: Path, n: int, *extra: str, child: str = _CHILD) -> dict:
@@ -165,7 +173,8 @@ def lm_reading_memory(quick: bool) -> dict[int, dict]:
         tokens_file = Path(tmp) / "ids.pt"
         torch.save(stream[: lengths[1]].clone(), tokens_file)
         full = str(result.vocabulary.full_size)
-        return {n: peak_rss(result.checkpoint, tokens_file, n, full, child=_CHILD_LM) for n in lengths}
+        chunk = str(min(LM_CHUNK, lengths[0]))
+        return {n: peak_rss(result.checkpoint, tokens_file, n, full, chunk, child=_CHILD_LM) for n in lengths}
 
 
 def speed_and_cost(vmt: VariationalMarkovTransformer, held: list[torch.Tensor], repeats: int) -> dict[str, dict]:
@@ -231,6 +240,10 @@ def _metrics(rss: dict[int, dict], lm_rss: dict[int, dict], speed: dict[str, dic
     lm_small, lm_large = sorted(lm_rss)
     lm_growth_mb = (lm_rss[lm_large]["peak_kb"] - lm_rss[lm_small]["peak_kb"]) / 1024
     metrics["smollm2_reader_peak_rss_growth_mb"] = lm_growth_mb
+    chunks = lm_rss[lm_large].get("chunk_rss_kb") or []
+    if len(chunks) >= 4:  # RSS growth over the second half of the long read's chunks
+        half = len(chunks) // 2
+        metrics["smollm2_reader_rss_growth_last_half_mb"] = (chunks[-1] - chunks[half - 1]) / 1024
     for n, r in lm_rss.items():
         metrics[f"smollm2_reader_peak_rss_mb_{n}"] = r["peak_kb"] / 1024
     for k, v in speed.items():
@@ -238,6 +251,24 @@ def _metrics(rss: dict[int, dict], lm_rss: dict[int, dict], speed: dict[str, dic
         metrics[f"tokens_per_second_{k}"] = v["tokens_per_second"]
         metrics[f"neg_elbo_next128_{k}"] = v["neg_elbo_next128"]
     return metrics
+
+
+def _lm_chunks_reading(record: dict) -> str:
+    """What the RSS after each chunk of the long read says: growth that shrinks from chunk to
+    chunk is the allocator settling; a leak would add about the same every chunk."""
+    kb = record.get("chunk_rss_kb") or []
+    if len(kb) < 4:
+        return ""
+    steps = [(b - a) / 1024 for a, b in zip([record["before_kb"], *kb[:-1]], kb)]
+    half = len(steps) // 2
+    first, last = sum(steps[:half]), sum(steps[half:])
+    text = (f"RSS after each of the {len(kb)} chunks of the long read (the state carried between "
+            f"chunks) rose by {', '.join(f'{v:+.0f}' for v in steps)} MB: {first:.1f} MB over the "
+            f"first {half} chunks, {last:.1f} MB over the last {len(steps) - half}.")
+    if last < first / 2:
+        return text + (" Growth that shrinks from chunk to chunk is the allocator settling "
+                       "(a held window or a leak would add about the same every chunk).")
+    return text + " The growth does not shrink: something held grows with the input."
 
 
 def _markdown(metrics: dict[str, float], rss: dict[int, dict], lm_rss: dict[int, dict],
@@ -270,7 +301,8 @@ def _markdown(metrics: dict[str, float], rss: dict[int, dict], lm_rss: dict[int,
                         "increase (MB)"],
                        [[n, r["before_kb"] / 1024, r["peak_kb"] / 1024,
                          (r["peak_kb"] - r["before_kb"]) / 1024] for n, r in lm_rss.items()]),
-        f"Growth from {lm_small} to {lm_large} tokens: **{lm_growth_mb:.1f} MB**.",
+        f"Growth from {lm_small} to {lm_large} tokens: **{lm_growth_mb:.1f} MB**. "
+        + _lm_chunks_reading(lm_rss[lm_large]),
         "Reading speed on two windows of held-out text (medians of interleaved repeats; the "
         "ratio is against step-by-step reading in the same run) and the per-token negative "
         "ELBO of the next 128 held-out tokens read step by step from the state each method "
