@@ -231,33 +231,3 @@ def test_head_dropout_acts_in_training_only_and_keeps_one_mask_per_state(monkeyp
         assert not torch.equal(a, vmt.tokens.head_log_probs(m))
     with pytest.raises(ValueError, match="head_dropout"):
         token_vmt(head_dropout=1.0)
-
-
-def test_chrono_init_spreads_the_memory_retention_up_to_the_timescale():
-    """With ``memory_timescale=T`` every memory unit's keep gate at zero input and state is
-    ``z = sigmoid(b_z)`` with retention ``1 / (1 - z)`` in ``[2, T]``, spread over the range,
-    in the forward and the reverse memory step; ``T = 0`` leaves torch's initialisation."""
-    torch.manual_seed(0)
-    vmt = token_vmt(state=260, token_dim=4, reverse=True, memory_timescale=500.0)
-    for transition in (vmt.transition, vmt.reverse_transition):
-        cell, mem = transition.cell, transition.cell.hidden_size
-        z = torch.sigmoid(cell.bias_ih[mem : 2 * mem] + cell.bias_hh[mem : 2 * mem])
-        retention = 1 / (1 - z)
-        assert retention.min() >= 2 - 1e-9 and retention.max() <= 500 + 1e-6
-        assert retention.min() < 50 and retention.max() > 450  # 256 units cover [2, 500]
-        # at zero input and zero weights a unit's memory decays by exactly z per step
-        with torch.no_grad():
-            cell.weight_hh.zero_(), cell.weight_ih.zero_()
-        h = torch.ones(1, mem, dtype=cell.bias_hh.dtype)
-        n = torch.tanh(cell.bias_ih[2 * mem :] + torch.sigmoid(cell.bias_ih[:mem] + cell.bias_hh[:mem])
-                       * cell.bias_hh[2 * mem :])
-        out = cell(torch.zeros(1, 4, dtype=h.dtype), h)
-        torch.testing.assert_close(out[0], z * h[0] + (1 - z) * n, rtol=0, atol=1e-12)
-    default = token_vmt(state=260, token_dim=4).transition.cell
-    assert default.bias_hh.abs().max() <= 1 / math.sqrt(default.hidden_size)
-
-
-@pytest.mark.parametrize("bad", [1.5, 2.0, -3.0, True])
-def test_memory_timescale_is_checked(bad):
-    with pytest.raises(ValueError, match="memory_timescale"):
-        token_vmt(memory_timescale=bad)

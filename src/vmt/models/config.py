@@ -53,11 +53,6 @@ class VMTConfig:
             ``[memory (state_dim - E), slot (E)]``. Unused by the other families.
         slot_scale: the token slot's noise ``s`` in the token family.
         memory_scale: initial scale of the token family's memory step.
-        memory_timescale: ``T > 1`` starts the token family's memory step (a GRU cell) with
-            the chrono initialisation of Tallec & Ollivier (2018): each memory unit's keep
-            gate is biased so that its retention time at initialisation is drawn uniformly from
-            ``[2, T]`` steps, so dependencies up to about ``T`` tokens back reach the
-            gradient from the start. ``0``: torch's default (retention of about 2 steps).
         memory_guide: how the token family's guide proposes the memory: ``"model"`` uses the
             model's own memory step (features then enter only through the first state),
             ``"features"`` shifts and rescales it by the features read at each position.
@@ -89,7 +84,6 @@ class VMTConfig:
     token_dim: int = 0
     slot_scale: float = 0.1
     memory_scale: float = 0.05
-    memory_timescale: float = 0.0
     memory_guide: Literal["model", "features"] = "model"
     token_basis_dim: int = 0
     head_dropout: float = 0.0
@@ -136,10 +130,6 @@ class VMTConfig:
             raise ValueError(
                 f"slot_scale and memory_scale must be > 0, got {self.slot_scale}, {self.memory_scale}"
             )
-        if isinstance(self.memory_timescale, bool) or not (
-            self.memory_timescale == 0 or self.memory_timescale > 2
-        ):
-            raise ValueError(f"memory_timescale must be 0 or > 2, got {self.memory_timescale!r}")
         if (self.prior == "flow" or self.transition == "flow" or self.guide == "flow") and (
             self.state_dim < 2
         ):

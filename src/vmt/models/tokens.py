@@ -226,11 +226,9 @@ class TokenTransition(LocalParamsModule):
     """``p(x_{k+1} | x_k)``: a GRU-cell memory step, then the token-slot mixture.
 
     ``memory_params(x) -> (loc, scale)``, each ``(..., M)``: the memory step's Gaussian.
-    ``timescale > 2`` is the chrono initialisation of the GRU cell (see :meth:`chrono_init`).
     """
 
-    def __init__(self, mixture: TokenMixture, min_scale: float = 1e-3, init_scale: float = 0.05,
-                 timescale: float = 0.0):
+    def __init__(self, mixture: TokenMixture, min_scale: float = 1e-3, init_scale: float = 0.05):
         super().__init__()
         self._shared = _Shared(mixture)
         self.cell = nn.GRUCell(mixture.token_dim, mixture.memory_dim)
@@ -239,18 +237,6 @@ class TokenTransition(LocalParamsModule):
         with torch.no_grad():
             self.to_scale.weight.zero_()
             self.to_scale.bias.fill_(math.log(math.expm1(init_scale)))
-        if timescale:
-            self.chrono_init(timescale)
-
-    @torch.no_grad()
-    def chrono_init(self, timescale: float) -> None:
-        """Bias the cell's update (keep) gate ``z`` so that ``1 / (1 - z)`` at zero input is
-        drawn uniformly from ``[2, timescale]`` for each memory unit: ``b_z = log(T - 1)``,
-        ``T ~ U[2, timescale]`` (torch's GRU gate order is reset, update, new)."""
-        mem = self.cell.hidden_size
-        retention = 2 + (timescale - 2) * torch.rand(mem, dtype=self.cell.bias_hh.dtype)
-        self.cell.bias_hh[mem : 2 * mem] = torch.log(retention - 1)
-        self.cell.bias_ih[mem : 2 * mem] = 0.0
 
     @property
     def mixture(self) -> TokenMixture:

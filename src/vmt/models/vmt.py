@@ -92,11 +92,11 @@ class VariationalMarkovTransformer(LocalParamsModule):
         self.tokens = TokenMixture(c.state_dim - c.token_dim, c.token_dim, c.obs_dim,
                                    c.emission_hidden, c.slot_scale, c.token_basis_dim, c.head_dropout)
         self.prior = TokenPrior(self.tokens, c.prior_components)
-        self.transition = TokenTransition(self.tokens, c.min_scale, c.memory_scale, c.memory_timescale)
+        self.transition = TokenTransition(self.tokens, c.min_scale, c.memory_scale)
         self.emission = TokenEmission(self.tokens)
         self.guide_net = TokenGuideNet(c, self.tokens, self.transition)
         if c.reverse:
-            self.reverse_transition = TokenTransition(self.tokens, c.min_scale, c.memory_scale, c.memory_timescale)
+            self.reverse_transition = TokenTransition(self.tokens, c.min_scale, c.memory_scale)
             self.reverse_guide_net = TokenGuideNet(c, self.tokens, self.reverse_transition)
 
     # -- parts by direction -------------------------------------------------------------
