@@ -240,10 +240,9 @@ def _metrics(rss: dict[int, dict], lm_rss: dict[int, dict], speed: dict[str, dic
     lm_small, lm_large = sorted(lm_rss)
     lm_growth_mb = (lm_rss[lm_large]["peak_kb"] - lm_rss[lm_small]["peak_kb"]) / 1024
     metrics["smollm2_reader_peak_rss_growth_mb"] = lm_growth_mb
-    chunks = lm_rss[lm_large].get("chunk_rss_kb") or []
-    if len(chunks) >= 4:  # RSS growth over the second half of the long read's chunks
-        half = len(chunks) // 2
-        metrics["smollm2_reader_rss_growth_last_half_mb"] = (chunks[-1] - chunks[half - 1]) / 1024
+    steps = _chunk_steps_mb(lm_rss[lm_large])
+    if steps:  # RSS growth over the second half of the long read's chunks
+        metrics["smollm2_reader_rss_growth_last_half_mb"] = sum(steps[len(steps) // 2 :])
     for n, r in lm_rss.items():
         metrics[f"smollm2_reader_peak_rss_mb_{n}"] = r["peak_kb"] / 1024
     for k, v in speed.items():
@@ -253,16 +252,23 @@ def _metrics(rss: dict[int, dict], lm_rss: dict[int, dict], speed: dict[str, dic
     return metrics
 
 
+def _chunk_steps_mb(record: dict) -> list[float]:
+    """RSS added by each chunk of a long read (MB); empty when fewer than 4 were recorded."""
+    kb = record.get("chunk_rss_kb") or []
+    if len(kb) < 4:
+        return []
+    return [(b - a) / 1024 for a, b in zip([record["before_kb"], *kb[:-1]], kb)]
+
+
 def _lm_chunks_reading(record: dict) -> str:
     """What the RSS after each chunk of the long read says: growth that shrinks from chunk to
     chunk is the allocator settling; a leak would add about the same every chunk."""
-    kb = record.get("chunk_rss_kb") or []
-    if len(kb) < 4:
+    steps = _chunk_steps_mb(record)
+    if not steps:
         return ""
-    steps = [(b - a) / 1024 for a, b in zip([record["before_kb"], *kb[:-1]], kb)]
     half = len(steps) // 2
     first, last = sum(steps[:half]), sum(steps[half:])
-    text = (f"RSS after each of the {len(kb)} chunks of the long read (the state carried between "
+    text = (f"RSS after each of the {len(steps)} chunks of the long read (the state carried between "
             f"chunks) rose by {', '.join(f'{v:+.0f}' for v in steps)} MB: {first:.1f} MB over the "
             f"first {half} chunks, {last:.1f} MB over the last {len(steps) - half}.")
     if last < first / 2:
@@ -301,8 +307,8 @@ def _markdown(metrics: dict[str, float], rss: dict[int, dict], lm_rss: dict[int,
                         "increase (MB)"],
                        [[n, r["before_kb"] / 1024, r["peak_kb"] / 1024,
                          (r["peak_kb"] - r["before_kb"]) / 1024] for n, r in lm_rss.items()]),
-        f"Growth from {lm_small} to {lm_large} tokens: **{lm_growth_mb:.1f} MB**. "
-        + _lm_chunks_reading(lm_rss[lm_large]),
+        " ".join(filter(None, [f"Growth from {lm_small} to {lm_large} tokens: **{lm_growth_mb:.1f} MB**.",
+                               _lm_chunks_reading(lm_rss[lm_large])])),
         "Reading speed on two windows of held-out text (medians of interleaved repeats; the "
         "ratio is against step-by-step reading in the same run) and the per-token negative "
         "ELBO of the next 128 held-out tokens read step by step from the state each method "
