@@ -65,6 +65,30 @@ def test_elbo_term_is_the_next_token_log_probability(x0, memory_guide):
     assert torch.allclose(per[check], lp[check], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("first_guide", ["features", "fixed"])
+def test_fixed_first_guide_reads_nothing_ahead(first_guide):
+    """With ``first_guide="fixed"`` and the model's memory step, the sampled path and every
+    ELBO term are the same whatever features the reader gives; with ``"features"`` the first
+    state of a fresh start follows them."""
+    vmt = token_vmt(reverse=True, memory_guide="model", first_guide=first_guide)
+    with torch.no_grad():  # a first head that reads its input (zero-initialised biases aside)
+        vmt.guide_net.first_head.weight.normal_()
+    batch = random_batch(vmt)
+    other = batch.with_(features=torch.randn_like(batch.features))
+    runs = []
+    for b in (batch, other):
+        torch.manual_seed(3)
+        terms = elbo_terms(vmt, b)
+        runs.append((terms.x, terms.log_latent - terms.log_guide))
+    same = all(torch.equal(a, b) for a, b in zip(*runs))
+    assert same == (first_guide == "fixed")
+
+
+def test_first_guide_is_checked():
+    with pytest.raises(ValueError, match="first_guide must be 'features' or 'fixed', got 'prior'"):
+        VMTConfig(first_guide="prior")
+
+
 def test_slot_density_is_normalised():
     """sum_v pi_v N(u; e_v, s^2) integrates to 1 over a 1-d slot (trapezoid, float64)."""
     torch.manual_seed(1)

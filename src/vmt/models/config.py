@@ -56,6 +56,12 @@ class VMTConfig:
         memory_guide: how the token family's guide proposes the memory: ``"model"`` uses the
             model's own memory step (features then enter only through the first state),
             ``"features"`` shifts and rescales it by the features read at each position.
+        first_guide: how the token family's guide proposes the first memory of a fresh start:
+            ``"features"`` from the reader's features of the window ahead, ``"fixed"`` a
+            learned Gaussian that reads nothing. With ``"fixed"`` (and ``memory_guide="model"``)
+            the memory holds only what the model's own steps wrote from tokens already read: a
+            reader that sees a window's answers can put them into the first state at a KL
+            price, which spares the model from learning to copy what it read.
         token_basis_dim: ``F > 0`` gives the token family fixed token vectors (e.g. a
             pretrained LM's input embeddings, ``vocab x F``) through which embeddings and the
             next-token head are parameterised (:class:`vmt.models.tokens.TokenMixture`).
@@ -85,6 +91,7 @@ class VMTConfig:
     slot_scale: float = 0.1
     memory_scale: float = 0.05
     memory_guide: Literal["model", "features"] = "model"
+    first_guide: Literal["features", "fixed"] = "features"
     token_basis_dim: int = 0
     head_dropout: float = 0.0
 
@@ -126,6 +133,8 @@ class VMTConfig:
             )
         if self.memory_guide not in ("model", "features"):
             raise ValueError(f"memory_guide must be 'model' or 'features', got {self.memory_guide!r}")
+        if self.first_guide not in ("features", "fixed"):
+            raise ValueError(f"first_guide must be 'features' or 'fixed', got {self.first_guide!r}")
         if not (self.slot_scale > 0 and self.memory_scale > 0):
             raise ValueError(
                 f"slot_scale and memory_scale must be > 0, got {self.slot_scale}, {self.memory_scale}"

@@ -20,7 +20,8 @@ exact conditional above; it reads the token ``y_k``) and the memory as the model
 shifted and rescaled by the features it reads, ``q(m_k | x_{k-1}, h_k) = N(g + Δ(h_k, x),
 sigma · exp(ρ(h_k, x)))``, with ``Δ = ρ = 0`` at initialisation (``memory_guide="features"``),
 or exactly the model's memory step (``memory_guide="model"``: the features then inform only
-the first state of a fresh start). With ``Δ = ρ = 0`` the per-position ELBO term is exactly
+the first state of a fresh start; ``first_guide="fixed"`` makes that a learned Gaussian too,
+so nothing of the window ahead enters the state). With ``Δ = ρ = 0`` the per-position ELBO term is exactly
 ``log pi_{y_k}(m_k)``: whatever the slot noise, the slot's KL and reconstruction cancel to the
 next-token log-probability, and the bound is that of a noisy recurrent language model.
 
@@ -353,6 +354,7 @@ class TokenGuideNet(LocalParamsModule):
             self.step_head.weight.zero_()
             self.step_head.bias.zero_()
         self.shifts = config.memory_guide == "features"
+        self.reads_first = config.first_guide == "features"
         self.hidden = h
         self.min_scale = config.min_scale
         self.flows = nn.ModuleList()
@@ -387,8 +389,10 @@ class TokenGuideNet(LocalParamsModule):
         return emb, torch.full_like(emb, self.mixture.slot_scale)
 
     def first_params(self, context: torch.Tensor):
-        """``q(x_1 | h_1, y_1)`` from ``context (..., hidden + token)``."""
-        combined = torch.tanh(context[..., : self.hidden])
+        """``q(x_1 | h_1, y_1)`` from ``context (..., hidden + token)`` (``first_guide="fixed"``:
+        ``q(m_1)`` does not read ``h_1``)."""
+        feats = context[..., : self.hidden]
+        combined = torch.tanh(feats) if self.reads_first else torch.zeros_like(feats)
         loc, raw = self.first_head(combined).chunk(2, dim=-1)
         slot_loc, slot_scale = self._slot(context[..., self.hidden :])
         scale = F.softplus(raw) + self.min_scale
