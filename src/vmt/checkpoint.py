@@ -353,9 +353,13 @@ def _short(value) -> str:
 
 def read_meta_for(path: str | Path, config: VMTConfig) -> dict:
     """:func:`read_meta`, refusing a checkpoint written for another model config (resume);
-    the error names every differing field (checkpoint value -> this run's value)."""
+    the error names every differing field (checkpoint value -> this run's value). A field the
+    checkpoint does not name (it was written before the field existed) counts as its default."""
     meta = read_meta(path)
-    diff = differences(meta.get("vmt_config"), config.to_dict(), "vmt_config")
+    stored = meta.get("vmt_config")
+    if isinstance(stored, dict) and set(stored) <= set(config.to_dict()):
+        stored = VMTConfig.from_dict(stored).to_dict()
+    diff = differences(stored, config.to_dict(), "vmt_config")
     if diff:
         raise ValueError(
             f"checkpoint {path} was written for a different model config ({'; '.join(diff[:4])}); "

@@ -394,10 +394,16 @@ def test_a_checkpoint_written_before_a_training_field_existed_resumes(tmp_path, 
     Trainer(small_vmt(**SIZES), docs, config, checkpoint_dir=tmp_path / "ck").fit(progress=False)
     meta_file = find_checkpoint(tmp_path / "ck") / "checkpoint.json"
     meta = json.loads(meta_file.read_text())
-    del meta["train_config"]["ragged_windows"]  # as written before the field existed
+    del meta["train_config"]["ragged_windows"]  # as written before the fields existed
+    del meta["vmt_config"]["first_guide"]
     meta_file.write_text(json.dumps(meta))
     later = Trainer(small_vmt(**SIZES), docs, dataclasses.replace(config, steps=6), checkpoint_dir=tmp_path / "ck")
     assert later.resume() and later.step == 4
+    meta["vmt_config"]["first_guide"] = "fixed"  # another model config is refused
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="first_guide"):
+        Trainer(small_vmt(**SIZES), docs, config, checkpoint_dir=tmp_path / "ck").resume()
+    del meta["vmt_config"]["first_guide"]
     meta["train_config"]["overlap"] = True  # a real difference is still refused
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="overlap"):

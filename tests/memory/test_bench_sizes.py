@@ -42,6 +42,9 @@ def test_vmt_description_states_the_carried_state_beside_the_kv_caches():
     text = _vmt_description((16, 192), {256: 11.25}, fit)
     assert "302,680 training tokens, 900 steps" in text and "1.500 nats/token" in text
     assert "unigram 5.000, bigram 3.000, SmolLM2 1.200" in text and "150 of 192 state" in text
+    assert "reverse GRU reader trained with it" in text
+    text = _vmt_description((16, 192), {256: 11.25}, {**fit, "first_guide": "fixed"})
+    assert "reads nothing ahead" in text and "reverse GRU reader" not in text
 
 
 def test_finished_cells_are_kept_and_read_back(tmp_path, monkeypatch):

@@ -289,8 +289,11 @@ def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float
         return ""
     rows, dim = state_shape
     kv = ", ".join(f"{v:.1f} MB for a {b}-token float32 KV cache" for b, v in kv_mb.items())
+    guide = "its reverse GRU reader trained with it"
+    if fit is not None and fit.get("first_guide") == "fixed":
+        guide = "its guide the model's own memory step from a learned first state: it reads nothing ahead"
     text = (
-        "VMT: the token-family `task-token` preset (its reverse GRU reader trained with it) fitted "
+        f"VMT: the token-family `task-token` preset ({guide}) fitted "
         "with the `task-hour` schedule on the tasks' training streams (`vmt.memory.task_corpus`: "
         "the same generators with seeds no test session uses, answers written in, the grocery "
         "recall and the dialogue probes also asked between turns), truncated BPTT over whole "

@@ -105,5 +105,6 @@ class TextVMTMethods:
             "neg_elbo": test.neg_elbo_per_token, "neg_iwae": test.neg_iwae_per_token,
             "particles": test.particles, "kl": test.kl_per_token, "oov": test.oov_per_token,
             "explained_dims": test.explained_dims, "state_dim": result.model.config.state_dim,
+            "first_guide": result.model.config.first_guide,
             "unigram": base.unigram, "bigram": base.bigram, "lm": base.lm_document,
         }
