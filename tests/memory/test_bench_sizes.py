@@ -105,3 +105,42 @@ def test_the_reading_states_the_vmt_recall_against_chance():
     text = " ".join(_reading(results, sizes))
     assert "VMT at budget 256 recalls the grocery item after N=25 in 0.83" in text
     assert "the interval excludes chance (0.25)" in text and "the interval contains chance (0.25)." in text
+
+
+def test_the_full_run_plays_vmt_cells_here_one_after_another(monkeypatch):
+    """Language-model cells go to the workers; the VMT's cells (which resume one fitted run,
+    locked by one process at a time) are played in this process; the order is kept."""
+    import vmt.benchmarks.memory_tasks as bench
+
+    submitted, here = [], []
+
+    class Inline:
+        def __init__(self, workers, mp_context=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            from concurrent.futures import Future
+
+            submitted.append(args[:2])
+            future = Future()
+            future.set_result((args[0], str(args[1]), {}))
+            return future
+
+    def played_here(name, budget, sizes, quick):
+        here.append((name, budget))
+        return name, str(budget), {}
+
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", Inline)
+    monkeypatch.setattr(bench, "_kept_cell", played_here)
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    results = bench._play(FULL, quick=False)
+    jobs = [("full context", None)] + [(n, b) for b in FULL.budgets for n in bench.METHOD_FACTORIES]
+    assert [(r[0], r[1]) for r in results] == [(n, str(b)) for n, b in jobs]
+    assert here == [(n, b) for n, b in jobs if n == "VMT"] and len(here) == len(FULL.budgets)
+    assert not any(n == "VMT" for n, _ in submitted) and len(submitted) == len(jobs) - len(here)

@@ -374,17 +374,22 @@ def _kept_cell(name: str, budget: int | None, sizes: BenchSizes, quick: bool) ->
 
 
 def _play(sizes: BenchSizes, quick: bool) -> list[tuple[str, str, dict]]:
-    """Every (method, budget) cell played, full context first (two workers in the full run)."""
+    """Every (method, budget) cell played, full context first. The full run plays the language
+    models' cells in two workers and then the VMT's cells here, one after another: each VMT
+    cell resumes the same fitted run, which one process at a time may hold."""
     jobs = [("full context", None)] + [(name, b) for b in sizes.budgets for name in METHOD_FACTORIES]
     workers = 1 if quick else max(1, min(2, os.cpu_count() or 1))
-    if workers == 1:
-        results = [_kept_cell(name, budget, sizes, quick) for name, budget in jobs]
-    else:
+    pooled = [] if workers == 1 else [j for j in jobs if not isinstance(METHOD_FACTORIES.get(j[0]), TextVMTMethods)]
+    results = {}
+    if pooled:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_kept_cell, name, budget, sizes, quick) for name, budget in jobs]
-            results = [f.result() for f in futures]
-    return results
+            futures = {job: pool.submit(_kept_cell, *job, sizes, quick) for job in pooled}
+            results = {job: f.result() for job, f in futures.items()}
+    for job in jobs:
+        if job not in results:
+            results[job] = _kept_cell(*job, sizes, quick)
+    return [results[job] for job in jobs]
 
 
 def _table(results: list, sizes: BenchSizes) -> tuple[list[str], list[list], dict[str, float]]:
