@@ -59,9 +59,8 @@ class VMTConfig:
         first_guide: how the token family's guide proposes the first memory of a fresh start:
             ``"features"`` from the reader's features of the window ahead, ``"fixed"`` a
             learned Gaussian that reads nothing. With ``"fixed"`` (and ``memory_guide="model"``)
-            the memory holds only what the model's own steps wrote from tokens already read: a
-            reader that sees a window's answers can put them into the first state at a KL
-            price, which spares the model from learning to copy what it read.
+            the memory holds only what the model's own steps wrote from tokens already read,
+            nothing of the window ahead (the reader is then still built and run, but unused).
         token_basis_dim: ``F > 0`` gives the token family fixed token vectors (e.g. a
             pretrained LM's input embeddings, ``vocab x F``) through which embeddings and the
             next-token head are parameterised (:class:`vmt.models.tokens.TokenMixture`).
