@@ -186,7 +186,13 @@ class ModelPreset:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Data budget, training and evaluation settings of a run."""
+    """Data budget, training and evaluation settings of a run.
+
+    ``emphasis_cue``: text whose tokens, wherever they occur in a training document, mark the
+    next position as one whose ELBO term the loss weights by ``train.emphasis`` (e.g. the prompt
+    before an answer that only a carried memory can give); needed when ``train.emphasis`` is
+    not 1, and then it must occur in the training documents.
+    """
 
     train: TrainConfig = field(default_factory=TrainConfig)
     max_train_tokens: int = 30000
@@ -197,8 +203,12 @@ class Schedule:
     eval_window: int = 128
     eval_particles: int = 8
     reverse_steps: int = 0
+    emphasis_cue: str = ""
 
     def __post_init__(self) -> None:
+        if (self.train.emphasis != 1) != bool(self.emphasis_cue):
+            raise ValueError(f"train.emphasis {self.train.emphasis} and emphasis_cue {self.emphasis_cue!r} go "
+                             "together: give both (emphasis != 1 and a cue) or neither")
         for name in ("max_train_tokens", "max_test_tokens", "eval_window", "eval_particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -396,7 +406,9 @@ def _run_text(preset, schedule, out_dir: Path, texts, corpus_name, resume, progr
     meta = {
         "preset": {"encoder": asdict(preset.encoder), "vmt": preset.vmt,
                    "vocab_max_size": preset.vocab_max_size, "description": preset.description},
-        "schedule": {**{k: v for k, v in asdict(schedule).items() if k != "train"}},
+        # a cue only when there is one, so checkpoints written before the field resume
+        "schedule": {k: v for k, v in asdict(schedule).items()
+                     if k != "train" and not (k == "emphasis_cue" and not v)},
         "corpus": {"name": corpus_name, "fingerprint": run.train_corpus.fingerprint,
                    "train_tokens": run.train_corpus.num_tokens},
         "vocabulary": list(vocab.kept),
@@ -404,8 +416,9 @@ def _run_text(preset, schedule, out_dir: Path, texts, corpus_name, resume, progr
     logger.info("training on %d tokens (%d documents), vocabulary %d + <unk>",
                 run.train_corpus.num_tokens, len(run.train_corpus), vocab.size - 1)
     teacher = run.teacher(run.train_corpus, vocab) if schedule.train.distill_weight > 0 else None
+    cue = emphasis_cue_ids(schedule.emphasis_cue, run.tokenizer, vocab, train_docs)
     result = fit(vmt, train_docs, schedule.train, train_lookup, out_dir / "checkpoint", resume, progress, meta,
-                 accept_schedule, teacher)
+                 accept_schedule, teacher, emphasis_cue=cue)
     if result.stopped == "interrupted":
         raise RunInterrupted(result)
     if not result.ok:
@@ -419,6 +432,25 @@ def _run_text(preset, schedule, out_dir: Path, texts, corpus_name, resume, progr
     }, indent=1))
     partial.replace(out_dir / "results.json")
     return RunResult(result, test, result.checkpoint, curve, vmt, run, vocab)
+
+
+def emphasis_cue_ids(cue: str, tokenizer, vocab, documents) -> tuple[int, ...]:
+    """The vocabulary ids of ``cue`` as the tokenizer splits it (``()`` for no cue).
+
+    Raises a one-line ``ValueError`` when a cue token is outside the vocabulary or the cue
+    occurs in none of ``documents`` (vocabulary ids, ``(time,)`` each).
+    """
+    if not cue:
+        return ()
+    ids = vocab.encode(torch.tensor(tokenizer.encode(cue, add_special_tokens=False), dtype=torch.long))
+    if bool((ids == 0).any()):  # 0 is <unk>
+        raise ValueError(f"emphasis_cue {cue!r} has tokens outside the run's vocabulary")
+    n = len(ids)
+    hits = sum(int((d.unfold(0, n, 1) == ids).all(-1).sum()) for d in documents if len(d) >= n)
+    if not hits:
+        raise ValueError(f"emphasis_cue {cue!r} occurs in no training document")
+    logger.info("emphasis: %d positions after %r weighted", hits, cue)
+    return tuple(int(t) for t in ids)
 
 
 def hash_ids(ids) -> str:

@@ -19,12 +19,18 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from vmt.memory.task_corpus import TaskCorpusConfig
+
 logger = logging.getLogger(__name__)
 
 PRESET = "text-token"
 SCHEDULE = "token-hour"
 TASK_PRESET = "task-token"
 TASK_SCHEDULE = "task-hour"
+#: The task VMT's training streams: grocery-heavy, short sessions answered often, so the
+#: (emphasised, see the ``task-hour`` schedule) copy of the item has many examples.
+TASK_CORPUS = TaskCorpusConfig(grocery_sessions=3000, grocery_max_distractors=6, grocery_recall_rates=(0.5, 1.0),
+                               dialogue_sessions=100, rps_games=6, passkey_trials=5)
 QUICK_STEPS = 40
 QUICK_TRAIN_TOKENS = 4000
 
@@ -58,9 +64,9 @@ def fitted_text_vmt(quick: bool, root: str | Path = "runs/bench/text-vmt"):
 def fitted_task_vmt(quick: bool, root: str | Path = "runs/bench/task-vmt"):
     """A :class:`vmt.experiment.RunResult` of the VMT fitted on the memory tasks' training
     streams (fitted or resumed; quick: a few streams of each task)."""
-    from vmt.memory.task_corpus import TaskCorpusConfig, task_training_texts
+    from vmt.memory.task_corpus import task_training_texts
 
-    corpus = TaskCorpusConfig()
+    corpus = TASK_CORPUS
     if quick:
         corpus = TaskCorpusConfig(grocery_sessions=6, dialogue_sessions=3, rps_games=3, rps_rounds=10,
                                   passkey_trials=1, passkey_chars=(500, 800))

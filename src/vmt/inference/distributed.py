@@ -118,6 +118,8 @@ class DistributedTrainer(Trainer):
         meta: extra JSON stored in checkpoints.
         find_unused_parameters: passed to DDP (needed when some parameters get no gradient);
             default: only for a VMT with reverse parts (one direction trains at a time).
+        emphasis_cue: token ids before the positions ``config.emphasis`` weights (see
+            :class:`~vmt.inference.train.TrainConfig`).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class DistributedTrainer(Trainer):
         device: torch.device | str | None = None,
         meta: dict | None = None,
         find_unused_parameters: bool | None = None,
+        emphasis_cue=(),
     ) -> None:
         if device is None:
             cuda = torch.cuda.is_available()
@@ -137,7 +140,8 @@ class DistributedTrainer(Trainer):
         if find_unused_parameters is None:
             find_unused_parameters = bool(getattr(vmt.config, "reverse", False))
         self.find_unused_parameters = find_unused_parameters
-        super().__init__(vmt, data, config, features, checkpoint_dir, meta, device=device)
+        super().__init__(vmt, data, config, features, checkpoint_dir, meta, device=device,
+                         emphasis_cue=emphasis_cue)
 
     # -- the process group ------------------------------------------------------------------
     def _join(self) -> tuple[int, int]:
@@ -180,6 +184,7 @@ def distributed_fit(
     progress: bool = True,
     device: torch.device | str | None = None,
     meta: dict | None = None,
+    emphasis_cue=(),
 ) -> TrainResult:
     """:func:`vmt.inference.train.fit` for ``torchrun``: joins the process group the
     environment describes (gloo on CPU, NCCL on GPUs), trains with :class:`DistributedTrainer`
@@ -189,7 +194,7 @@ def distributed_fit(
     single-process trainer. Both regimes (``config.regime``) are supported."""
     _, _, default_device = init_distributed()
     trainer = DistributedTrainer(
-        vmt, data, config, features, checkpoint_dir, device or default_device, meta
+        vmt, data, config, features, checkpoint_dir, device or default_device, meta, emphasis_cue=emphasis_cue
     )
     if resume:
         trainer.resume(accept_layout=True)

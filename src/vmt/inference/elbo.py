@@ -44,9 +44,17 @@ class ElboTerms:
     model_chain: ChainPrior
     guide_chain: GuideChain
 
-    def elbo_per_row(self, annealing: float = 1.0) -> torch.Tensor:
-        """``(batch,)``: ``sum_k log p(y_k|x_k) + annealing * (log p(x) - log q(x))``."""
-        return (self.log_lik + annealing * (self.log_latent - self.log_guide)).sum(-1)
+    def elbo_per_row(self, annealing: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``(batch,)``: ``sum_k w_k [log p(y_k|x_k) + annealing * (log p(x_k|x_{k-1}) - log q(x_k|.))]``
+        with ``w = weight (batch, time)``, or 1 (the ELBO) when ``weight`` is ``None``.
+
+        A weight other than 1 makes a training objective, not a bound: it scales whole
+        per-position terms, so where the terms of a position cancel to a next-token
+        log-probability (the token family, :mod:`vmt.models.tokens`) it scales that one."""
+        terms = self.log_lik + annealing * (self.log_latent - self.log_guide)
+        if weight is not None:
+            terms = terms * weight.to(terms.dtype)
+        return terms.sum(-1)
 
     def tokens_per_row(self) -> torch.Tensor:
         return self.mask.sum(-1)

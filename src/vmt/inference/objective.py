@@ -6,7 +6,9 @@ over the union of the batches of ``W`` ranks (``W = 1``: one process) is
 counts the observed tokens of all ranks, each auxiliary term is a mean over its terms of all
 ranks and ``CE`` (windows regime only) a mean over the tokens. In the subsequence regime
 ``-sum(ELBO) / T`` is ``-mean(ELBO_b) / mean(length_b)``, the mean negative ELBO per
-subsequence on a per-token scale.
+subsequence on a per-token scale. A batch with a ``weight`` (``TrainConfig.emphasis``) weights
+the ELBO's per-position terms in that sum (:meth:`~vmt.inference.elbo.ElboTerms.elbo_per_row`);
+``T`` still counts tokens.
 
 Rank ``r`` computes its share ``W * (-sum_r(ELBO) / T + w * sum_r(aux) / A + ...)`` with the
 counts ``T`` and ``A`` summed over the ranks (:class:`LossTotals`); DDP averages the gradients,
@@ -174,7 +176,7 @@ def svi_loss(
 def _loss_share(vmt: VariationalMarkovTransformer, batch, config, annealing, skip, terms, totals: LossTotals, teacher) -> torch.Tensor:
     world = totals.world_size
     tokens, init_total, skip_total = (max(v, 1) for v in (totals.tokens, totals.init, totals.pairs))
-    loss = -terms.elbo_per_row(annealing).sum() * (world / tokens)
+    loss = -terms.elbo_per_row(annealing, batch.weight).sum() * (world / tokens)
     if teacher is not None:
         ids, probs = teacher
         log_probs = vmt.emission.predictive_log_probs(terms.x)

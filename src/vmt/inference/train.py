@@ -112,6 +112,12 @@ class TrainConfig:
     (``time.process_time`` around each step, summed over the run and its resumes; the mean over
     the ranks of a distributed run) reaches it, or at ``steps``, whichever comes first; 0 (the
     default) means no budget. Like ``steps`` it may change on resume.
+    ``emphasis != 1`` (windows regime): the ELBO term of every position right after an
+    occurrence of the trainer's ``emphasis_cue`` (token ids, e.g. an answer's prompt) is
+    weighted by ``emphasis`` in the loss, so that rare positions which only a carried memory can
+    predict (the answer to a question about something read long before) weigh as much as the
+    rest of the window. The loss is then a training objective, not a bound; the logged ELBO and
+    every evaluation stay unweighted.
     """
 
     regime: Literal["subsequence", "windows"] = "subsequence"
@@ -137,6 +143,7 @@ class TrainConfig:
     distill_weight: float = 0.0
     weight_decay: float = 0.0
     max_cpu_seconds: float = 0.0
+    emphasis: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -175,6 +182,10 @@ class TrainConfig:
             raise ValueError(f"max_cpu_seconds must be >= 0 (0: no CPU budget), got {self.max_cpu_seconds}")
         if self.distill_weight > 0 and self.regime != "windows":
             raise ValueError("distillation (distill_weight > 0) needs regime 'windows'")
+        if not self.emphasis > 0:
+            raise ValueError(f"emphasis must be > 0, got {self.emphasis}")
+        if self.emphasis != 1 and self.regime != "windows":
+            raise ValueError(f"emphasis {self.emphasis} (weighted positions) needs regime 'windows'")
         if self.lr_decay_steps < 0:
             raise ValueError(f"lr_decay_steps must be >= 0, got {self.lr_decay_steps}")
         if not 0 < self.lr_final_fraction <= 1:
@@ -275,6 +286,8 @@ class Trainer:
             process only).
         device: where the model and batches live; the model is moved there (default: where
             its parameters are).
+        emphasis_cue: token ids whose next position gets weight ``config.emphasis`` (needed
+            when it is not 1; ignored when it is).
     """
 
     def __init__(
@@ -288,9 +301,14 @@ class Trainer:
         teacher: TeacherTargets | None = None,
         *,
         device: torch.device | str | None = None,
+        emphasis_cue: Sequence[int] = (),
     ):
         if features is None and vmt.reader is None:
             raise ValueError("give cached features or a VMT with a trainable reader")
+        if config.emphasis != 1 and not len(emphasis_cue):
+            raise ValueError(f"emphasis {config.emphasis} needs an emphasis_cue (the token ids before "
+                             "the positions to weight)")
+        self.emphasis_cue = tuple(int(t) for t in emphasis_cue)
         self.rank, self.world_size = self._join()
         from vmt.data.memmap import MemmapCorpus
 
@@ -381,6 +399,7 @@ class Trainer:
             self.documents, c.batch_size, c.window, self.features, c.overlap,
             order=shard_order(self.lengths, rank, world_size), lengths=self.lengths,
             ragged=c.ragged_windows,
+            emphasis=(self.emphasis_cue, c.emphasis) if c.emphasis != 1 else None,
         )
 
     # -- state ----------------------------------------------------------------------------
@@ -770,11 +789,12 @@ def _run_steps(trainer, progress: bool) -> TrainResult:
 def fit(vmt: VariationalMarkovTransformer, documents, config: TrainConfig, features: FeatureLookup | None = None,
         checkpoint_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
         meta: dict | None = None, accept_schedule: bool = False,
-        teacher: TeacherTargets | None = None) -> TrainResult:
+        teacher: TeacherTargets | None = None, emphasis_cue: Sequence[int] = ()) -> TrainResult:
     """Train ``vmt`` by SVI in this process (see :class:`Trainer`; under ``torchrun`` use
     :func:`vmt.inference.distributed.distributed_fit`); resumes from ``checkpoint_dir`` if
     asked."""
-    trainer = Trainer(vmt, documents, config, features, checkpoint_dir, meta, teacher)
+    trainer = Trainer(vmt, documents, config, features, checkpoint_dir, meta, teacher,
+                      emphasis_cue=emphasis_cue)
     if resume:
         trainer.resume(accept_schedule)
     return trainer.fit(progress)

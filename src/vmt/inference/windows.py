@@ -11,6 +11,9 @@ mostly one token long, which leaves truncated BPTT no horizon). A row
 that continues its document starts from the carried ``x_0`` (``q(x_1 | x_0, .)``); a row whose
 document just began starts from ``q(x_1 | .)``. With ``overlap`` the guide also reads the
 next ``L`` tokens (half-window look-ahead) while the ELBO covers only the first ``L``.
+With ``emphasis=(cue, w)`` every position right after an occurrence of the token sequence
+``cue`` in its document (found across window edges) gets weight ``w`` in the batch's
+``weight``, every other position 1 (:func:`emphasis_weights`).
 
 :class:`StreamCursor` keeps one reader's place in the streams across epochs (with the carried
 states); :func:`shard_order` gives each rank of a distributed run its disjoint share of the
@@ -54,6 +57,9 @@ class DocumentStreams:
             corpus's ``length_array``); default: ``len`` of each document.
         ragged: windows as long as the longest remaining document (up to ``window``), rows
             whose document ends inside them padded, instead of aligned to the nearest end.
+        emphasis: ``(cue, weight)``: the batches carry ``weight (batch, time)``, ``weight`` at
+            the position after each occurrence of the token ids ``cue`` and 1 elsewhere
+            (token documents only); ``None``: no weights.
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class DocumentStreams:
         order: Sequence[int] | None = None,
         lengths: Sequence[int] | None = None,
         ragged: bool = False,
+        emphasis: tuple[Sequence[int], float] | None = None,
     ):
         if streams < 1 or window < 1:
             raise ValueError(f"streams and window must be >= 1, got {streams}, {window}")
@@ -86,6 +93,12 @@ class DocumentStreams:
         self.features = features
         self.overlap = overlap
         self.ragged = ragged
+        if emphasis is not None:
+            cue, weight = emphasis
+            if not len(cue) or not weight > 0:
+                raise ValueError(f"emphasis needs a non-empty cue and a weight > 0, got {tuple(cue)} and {weight}")
+            emphasis = (tuple(int(t) for t in cue), float(weight))
+        self.emphasis = emphasis
         if order is None:
             order = sorted(range(len(self.documents)), key=lambda i: -self.lengths[i])
         self.order = [i for i in order if self.lengths[i] > 0]
@@ -131,6 +144,12 @@ class DocumentStreams:
             end=torch.tensor(ends, dtype=torch.long),
             carried=carried,
         )
+        if self.emphasis is not None:
+            weight = torch.ones(rows, steps)
+            for r, (d, o) in enumerate(active):
+                w = emphasis_weights(self.documents[d], o, ends[r], *self.emphasis)
+                weight[r, : len(w)] = w
+            batch = batch.with_(weight=weight)
         if self.features is not None:
             feats = [self.features(d)[0] for d, _ in active]
             for (d, _), f in zip(active, feats, strict=True):
@@ -155,6 +174,32 @@ class DocumentStreams:
         return Window(
             batch.with_(reader_input=reader_input, reader_lengths=torch.tensor(lengths)), docs, offs
         )
+
+
+def emphasis_weights(document: torch.Tensor, offset: int, steps: int, cue: Sequence[int],
+                     weight: float) -> torch.Tensor:
+    """``(steps,)`` float weights of positions ``offset .. offset + steps - 1`` of ``document``
+    (``(time,)`` token ids): ``weight`` where the ``len(cue)`` tokens just before a position are
+    ``cue`` (they may lie before ``offset``, in an earlier window), 1 elsewhere.
+
+    Example: document ``[5, 1, 2, 7, 1, 2, 9]``, cue ``[1, 2]``, weight 4, offset 3, steps 4
+    (positions 3 .. 6): ``[4, 1, 1, 4]``; position 3 follows the cue at positions 1 and 2,
+    which the previous window read.
+    """
+    n = len(cue)
+    lo = max(offset - n, 0)
+    seg = document[lo: offset + steps]
+    out = torch.ones(steps)
+    if seg.dim() != 1:
+        raise ValueError(f"emphasis needs (time,) token documents, got a document of shape {tuple(document.shape)}")
+    if len(seg) <= n:
+        return out
+    cue_t = torch.as_tensor(cue, dtype=seg.dtype)
+    hits = (seg.unfold(0, n, 1)[:-1] == cue_t).all(-1)  # hits[i]: seg[i : i + n] == cue
+    after = torch.nonzero(hits).flatten() + n + lo - offset  # positions right after a cue, window-relative
+    after = after[(after >= 0) & (after < steps)]
+    out[after] = float(weight)
+    return out
 
 
 def attach_carried(window: Window, carried: dict[int, torch.Tensor], state_dim: int,

@@ -34,6 +34,8 @@ class ChainBatch:
         reader_lengths: ``(source,)`` int64 valid lengths of ``reader_input``.
         x0: ``(batch, state)`` carried states (``None``: no row is carried).
         carried: ``(batch,)`` bool, which rows start from ``x0``.
+        weight: ``(batch, time)`` float weights of the positions' ELBO terms in a training
+            loss (``None``: all 1; see :meth:`vmt.inference.elbo.ElboTerms.elbo_per_row`).
     """
 
     obs: torch.Tensor | None
@@ -45,6 +47,7 @@ class ChainBatch:
     reader_lengths: torch.Tensor | None = None
     x0: torch.Tensor | None = None
     carried: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
     @classmethod
     def unobserved(cls, rows: int, steps: int, **fields) -> ChainBatch:
@@ -144,6 +147,11 @@ class ChainBatch:
                 raise ValueError("x0 needs carried: (batch,) bool")
         elif self.carried is not None and bool(self.carried.any()):
             raise ValueError("rows are marked carried but x0 is missing")
+        if self.weight is not None:
+            if self.weight.shape != (rows, steps):
+                raise ValueError(f"weight must be ({rows}, {steps}) (batch, time), got {tuple(self.weight.shape)}")
+            if not bool(torch.isfinite(self.weight).all()) or bool((self.weight < 0).any()):
+                raise ValueError("weight must be finite and >= 0")
         return self
 
 
