@@ -45,6 +45,9 @@ def test_vmt_description_states_the_carried_state_beside_the_kv_caches():
     assert "reverse GRU reader trained with it" in text
     text = _vmt_description((16, 192), {256: 11.25}, {**fit, "first_guide": "fixed"})
     assert "reads nothing ahead" in text and "reverse GRU reader" not in text
+    assert "weights the ELBO term" not in text and "3,000 grocery sessions of up to 6 distractors" in text
+    text = _vmt_description((16, 192), {256: 11.25}, {**fit, "emphasis": 20.0, "emphasis_cue": "A: buy"})
+    assert 'token after every "A: buy" (the grocery answer) 20 times' in text
 
 
 def test_finished_cells_are_kept_and_read_back(tmp_path, monkeypatch):

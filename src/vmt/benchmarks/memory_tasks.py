@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vmt.benchmarks.report import BenchResult, markdown_table
-from vmt.benchmarks.text_vmt import TextVMTMethods, fitted_task_vmt
+from vmt.benchmarks.text_vmt import TASK_CORPUS, TextVMTMethods, fitted_task_vmt
 
 NAME = "memory-tasks"
 SUMMARY = "RPS, grocery recall, dialogue facts, passkey at 256/1024-token budgets (SmolLM2)"
@@ -292,13 +292,19 @@ def _vmt_description(state_shape: tuple[int, int] | None, kv_mb: dict[int, float
     guide = "its reverse GRU reader trained with it"
     if fit is not None and fit.get("first_guide") == "fixed":
         guide = "its guide the model's own memory step from a learned first state: it reads nothing ahead"
+    c = TASK_CORPUS
     text = (
         f"VMT: the token-family `task-token` preset ({guide}) fitted "
         "with the `task-hour` schedule on the tasks' training streams (`vmt.memory.task_corpus`: "
-        "the same generators with seeds no test session uses, answers written in, the grocery "
-        "recall and the dialogue probes also asked between turns), truncated BPTT over whole "
-        "streams with windows of 256 tokens and the state carried"
+        "the same generators with seeds no test session uses, answers written in; "
+        f"{c.grocery_sessions:,} grocery sessions of up to {c.grocery_max_distractors} distractors with the recall "
+        f"also asked after each at a rate between {c.grocery_recall_rates[0]:g} and {c.grocery_recall_rates[1]:g}, "
+        f"{c.dialogue_sessions} dialogue, {c.rps_games} rock-paper-scissors and {c.passkey_trials} passkey streams), "
+        "truncated BPTT over whole streams with windows of 256 tokens and the state carried"
     )
+    if fit is not None and fit.get("emphasis", 1.0) != 1.0:
+        text += (f"; the loss weights the ELBO term of the token after every \"{fit['emphasis_cue']}\" "
+                 f"(the grocery answer) {fit['emphasis']:g} times (`TrainConfig.emphasis`; the bound below is unweighted)")
     if fit is not None:
         lm = f", SmolLM2 {fit['lm']:.3f}" if fit.get("lm") is not None else ""
         text += (

@@ -112,5 +112,7 @@ class TextVMTMethods:
             "particles": test.particles, "kl": test.kl_per_token, "oov": test.oov_per_token,
             "explained_dims": test.explained_dims, "state_dim": result.model.config.state_dim,
             "first_guide": result.model.config.first_guide,
+            "emphasis": result.text_run.schedule.train.emphasis,
+            "emphasis_cue": result.text_run.schedule.emphasis_cue,
             "unigram": base.unigram, "bigram": base.bigram, "lm": base.lm_document,
         }
