@@ -115,9 +115,9 @@ class TrainConfig:
     ``emphasis != 1`` (windows regime): the ELBO term of every position right after an
     occurrence of the trainer's ``emphasis_cue`` (token ids, e.g. an answer's prompt) is
     weighted by ``emphasis`` in the loss, so that rare positions which only a carried memory can
-    predict (the answer to a question about something read long before) weigh as much as the
-    rest of the window. The loss is then a training objective, not a bound; the logged ELBO and
-    every evaluation stay unweighted.
+    predict (the answer to a question about something read long before) count for more in the
+    gradient. The loss is then a training objective, not a bound; the logged ELBO and every
+    evaluation stay unweighted.
     """
 
     regime: Literal["subsequence", "windows"] = "subsequence"
