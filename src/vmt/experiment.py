@@ -24,6 +24,7 @@ import torch
 from vmt.config_fields import config_from_dict, known_fields
 from vmt.inference.evaluate import EvalResult, evaluate
 from vmt.inference.train import TrainConfig, TrainResult, fit
+from vmt.inference.windows import emphasis_weights
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -437,20 +438,20 @@ def _run_text(preset, schedule, out_dir: Path, texts, corpus_name, resume, progr
 def emphasis_cue_ids(cue: str, tokenizer, vocab, documents) -> tuple[int, ...]:
     """The vocabulary ids of ``cue`` as the tokenizer splits it (``()`` for no cue).
 
-    Raises a one-line ``ValueError`` when a cue token is outside the vocabulary or the cue
-    occurs in none of ``documents`` (vocabulary ids, ``(time,)`` each).
+    Raises a one-line ``ValueError`` when a cue token is outside the vocabulary or no position
+    of ``documents`` (vocabulary ids, ``(time,)`` each) follows the cue.
     """
     if not cue:
         return ()
     ids = vocab.encode(torch.tensor(tokenizer.encode(cue, add_special_tokens=False), dtype=torch.long))
     if bool((ids == 0).any()):  # 0 is <unk>
         raise ValueError(f"emphasis_cue {cue!r} has tokens outside the run's vocabulary")
-    n = len(ids)
-    hits = sum(int((d.unfold(0, n, 1) == ids).all(-1).sum()) for d in documents if len(d) >= n)
+    cue_ids = tuple(int(t) for t in ids)
+    hits = sum(int((emphasis_weights(d, 0, len(d), cue_ids, 2.0) > 1).sum()) for d in documents)
     if not hits:
-        raise ValueError(f"emphasis_cue {cue!r} occurs in no training document")
+        raise ValueError(f"emphasis_cue {cue!r}: no position of a training document follows the cue")
     logger.info("emphasis: %d positions after %r weighted", hits, cue)
-    return tuple(int(t) for t in ids)
+    return cue_ids
 
 
 def hash_ids(ids) -> str:

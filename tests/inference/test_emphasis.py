@@ -135,7 +135,7 @@ def test_emphasis_cue_ids_are_the_cue_in_the_run_vocabulary_and_must_occur():
     cue = emphasis_cue_ids("A: ", tok, vocab, docs)
     assert vocab.decode(torch.tensor(cue)).tolist() == tok.encode("A: ")
     assert emphasis_cue_ids("", tok, vocab, docs) == ()
-    with pytest.raises(ValueError, match="occurs in no training document"):
+    with pytest.raises(ValueError, match="follows the cue"):
         emphasis_cue_ids("ba", tok, vocab, docs)
     with pytest.raises(ValueError, match="outside the run's vocabulary"):
         emphasis_cue_ids("c", tok, vocab, docs)
